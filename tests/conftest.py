@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("RESFIT_SHARED", REPO_ROOT.parent / "shared")).resolve()
@@ -23,3 +25,24 @@ def shared_dir() -> Path:
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Keep every test's scan/feature caches out of the user's ~/.cache."""
     monkeypatch.setenv("RESFIT_CACHE", str(tmp_path_factory.mktemp("resfit-cache")))
+
+
+def _write_learnable_images(root: Path, per_class: int, size: int, seed: int) -> None:
+    """Two visually distinct classes (red-ish vs blue-ish with noise): learnable in a few steps."""
+    rng = np.random.default_rng(seed)
+    for label, name in enumerate(["blue", "red"]):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 120, size=(size, size, 3), dtype=np.uint8)
+            pixels[..., 2 - 2 * label] += 120
+            Image.fromarray(pixels).save(folder / f"{name}_{i:03d}.png")
+
+
+@pytest.fixture(scope="session")
+def tiny_imagefolder(tmp_path_factory) -> Path:
+    """A synthetic ImageFolder tree (train/ and val/, 2 classes): for unit tests only."""
+    root = tmp_path_factory.mktemp("tiny")
+    _write_learnable_images(root / "train", per_class=12, size=40, seed=0)
+    _write_learnable_images(root / "val", per_class=6, size=40, seed=1)
+    return root

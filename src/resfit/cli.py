@@ -1,0 +1,232 @@
+"""Command line: parses flags into the library's configs and calls it; errors become one line and an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from . import __version__
+from .errors import ResfitError
+from .train.config import OPTIMIZERS, TrainConfig
+
+EXIT_INTERRUPTED = 130
+EXIT_SOME_FAILED = 1
+
+
+def _train_parser(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="fine-tune a ResNet on a dataset (or --resume a run)",
+        description="Fine-tune: fit the head on the frozen backbone, then the whole network.",
+    )
+    p.add_argument(
+        "data",
+        nargs="?",
+        help="dataset: ImageFolder tree, flat class folders, CSV manifest or CIFAR-10 archive",
+    )
+    p.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue an interrupted run from its last completed epoch"
+    )
+    defaults = TrainConfig()
+    p.add_argument(
+        "--model", default=defaults.model, help="resnet18/34/50/101/152, resnext50_32x4d, resnext101_32x8d"
+    )
+    p.add_argument(
+        "--weights",
+        default=defaults.weights,
+        help="imagenet (torchvision's weights), none, or a state-dict FILE",
+    )
+    p.add_argument(
+        "--epochs", type=int, default=defaults.epochs, help="fine-tuning epochs after the head stage"
+    )
+    p.add_argument(
+        "--img-size", type=int, help="training crop in px (default: what the weights were trained at)"
+    )
+    p.add_argument("--batch-size", type=int, help="default: chosen for the device")
+    p.add_argument(
+        "--lr", type=float, help="head learning rate in fine-tuning (default 1e-3 AdamW, 1e-2 SGD)"
+    )
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=defaults.optimizer)
+    p.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    p.add_argument(
+        "--layer-decay",
+        type=float,
+        default=defaults.layer_decay,
+        help="lr factor per block towards the input",
+    )
+    p.add_argument("--warmup-epochs", type=float, default=defaults.warmup_epochs)
+    p.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing)
+    p.add_argument("--dropout", type=float, default=defaults.dropout, help="dropout before the final layer")
+    p.add_argument(
+        "--augment",
+        nargs="?",
+        const="trivialaugment",
+        default=defaults.augment,
+        choices=("none", "standard", "trivialaugment", "randaugment"),
+        help="standard = random resized crop + flip; --augment alone adds TrivialAugment",
+    )
+    p.add_argument(
+        "--bn", choices=("frozen", "train"), default=defaults.bn, help="BatchNorm statistics in fine-tuning"
+    )
+    p.add_argument(
+        "--no-head-stage", dest="head_stage", action="store_false", help="skip the frozen-backbone head fit"
+    )
+    p.add_argument(
+        "--patience", type=int, default=defaults.patience, help="early stopping on validation loss"
+    )
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=defaults.val_fraction,
+        help="held out when there is no val split",
+    )
+    p.add_argument("--device", default=defaults.device, help="auto, cpu or cuda")
+    p.add_argument("--precision", default=defaults.precision, choices=("auto", "fp32", "bf16", "fp16"))
+    p.add_argument(
+        "--workers", dest="num_workers", type=int, help="DataLoader workers (default: 1 on 2 cores)"
+    )
+    p.add_argument("--out", help="run folder (default runs/<model>-<timestamp>)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars: one line per epoch, for logs")
+
+
+def _run_train(args) -> int:
+    from .train import resume, train
+
+    if args.resume:
+        resume(args.resume)
+        return 0
+    if not args.data:
+        raise ResfitError("train needs DATA (or --resume RUN_DIR)")
+    known = {f.name for f in fields(TrainConfig)}
+    config = TrainConfig(**{k: v for k, v in vars(args).items() if k in known})
+    train(config)
+    return 0
+
+
+def _run_evaluate(args) -> int:
+    from .data.scan import load_dataset
+    from .evaluate import evaluate_split, write_evaluation
+    from .predict import Classifier
+    from .reports import format_metrics_table
+
+    classifier = Classifier.load(args.run_dir, device=args.device, precision=args.precision)
+    training = classifier.meta.get("training_config", {})
+    # The run's own split settings, so a flat folder is split the same way as in training.
+    source, report = load_dataset(
+        args.data, val_fraction=training.get("val_fraction", 0.2), seed=training.get("seed", 0)
+    )
+    if args.split not in source.splits:
+        raise ResfitError(f"{args.data} has no {args.split} split (it has {', '.join(source.splits)})")
+    if source.class_names != classifier.class_names:
+        raise ResfitError(
+            f"the classes of {args.data} {source.class_names} differ from the model's {classifier.class_names}"
+        )
+    metrics, probs = evaluate_split(
+        classifier.model, source, args.split, classifier.preprocessing, classifier.runtime
+    )
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        write_evaluation(Path(args.out), metrics, probs, source)
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        print(report.summary_line())
+        print(format_metrics_table(metrics))
+    return 0
+
+
+def _run_predict(args) -> int:
+    from .predict import Classifier, expand_inputs
+
+    paths = expand_inputs(args.paths)
+    if not paths:
+        raise ResfitError("no files to predict")
+    classifier = Classifier.load(args.run_dir, device=args.device, precision=args.precision)
+    failed = 0
+    for prediction in classifier.predict_paths(paths, top_k=args.top_k):
+        failed += prediction.error is not None
+        if args.json:
+            print(json.dumps(prediction.to_dict()), flush=True)
+        elif prediction.error is not None:
+            print(f"{prediction.path}\tERROR: {prediction.error}", flush=True)
+        else:
+            ranked = "  ".join(f"{name} {p:.3f}" for name, p in prediction.top_k)
+            print(f"{prediction.path}\t{ranked}", flush=True)
+    if failed:
+        print(f"resfit: {failed} of {len(paths)} files could not be read", file=sys.stderr)
+    return EXIT_SOME_FAILED if failed else 0
+
+
+def _run_scan(args) -> int:
+    from .data.scan import load_dataset
+
+    source, report = load_dataset(
+        args.data, val_fraction=args.val_fraction, seed=args.seed, progress=not args.json
+    )
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return 0
+    print(report.summary_line())
+    for note in source.notes:
+        print(f"note: {note}")
+    for split, counts in report.class_counts.items():
+        print(f"{split}: " + ", ".join(f"{name} {n}" for name, n in counts.items()))
+    for entry in report.skipped:
+        print(f"skipped {entry['path']}: {entry['reason']}")
+    for entry in report.converted:
+        print(f"converted {entry['path']}: {entry['note']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="resfit", description="Fine-tune ImageNet ResNets on your images.")
+    parser.add_argument("--version", action="version", version=f"resfit {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+
+    p = sub.add_parser("evaluate", help="metrics of a run on a dataset split")
+    p.add_argument("run_dir")
+    p.add_argument("data")
+    p.add_argument("--split", default="val", choices=("train", "val", "test"))
+    p.add_argument("--json", action="store_true", help="print metrics as JSON")
+    p.add_argument("--out", help="also write metrics.json, confusion_matrix.png and misclassified.* here")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+
+    p = sub.add_parser("predict", help="classify image files or folders")
+    p.add_argument("run_dir")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+
+    p = sub.add_parser("scan", help="check a dataset: classes, splits, unreadable and converted files")
+    p.add_argument("data")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+COMMANDS = {"train": _run_train, "evaluate": _run_evaluate, "predict": _run_predict, "scan": _run_scan}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except ResfitError as error:
+        print(f"resfit: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("resfit: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""A torch Dataset over one split of a DatasetSource; a file that breaks mid-training is skipped, not fatal."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+
+from ..errors import ImageReadError
+from .sources import DatasetSource
+
+log = logging.getLogger(__name__)
+# How many neighbours to try before giving up on a run of unreadable files.
+_MAX_SUBSTITUTES = 16
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Yields (image tensor, label). Files were checked up front; one that changed since is replaced by a neighbour."""
+
+    def __init__(self, source: DatasetSource, split: str, transform: Callable):
+        self.source = source
+        self.split = split
+        self.items = source.splits[split].items
+        self.labels = source.splits[split].labels
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        for attempt in range(_MAX_SUBSTITUTES):
+            i = (index + attempt) % len(self.items)
+            try:
+                image, _ = self.source.read(self.items[i])
+            except (ImageReadError, OSError) as error:
+                log.warning("skipping %s during %s: %s", self.items[i], self.split, error)
+                continue
+            return self.transform(image), self.labels[i]
+        raise ImageReadError(
+            self.items[index], f"this and the next {_MAX_SUBSTITUTES - 1} files are unreadable"
+        )

@@ -1,0 +1,93 @@
+"""Running a model over a split, the metrics of the result, and the report files of a run folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .data.dataset import ImageDataset
+from .data.sources import DatasetSource
+from .data.transforms import Preprocessing
+from .fileio import atomic_write_json
+from .hardware import Runtime
+from .reports import classification_metrics, misclassified_examples, plot_confusion_matrix, plot_misclassified
+
+EVAL_BATCH_SIZE = 64
+
+
+def make_loader(
+    dataset, batch_size: int, num_workers: int, shuffle: bool = False, generator=None, drop_last=False
+):
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        generator=generator,
+        drop_last=drop_last,
+        persistent_workers=False,
+        pin_memory=False,
+    )
+
+
+def to_device(images: torch.Tensor, runtime: Runtime) -> torch.Tensor:
+    images = images.to(runtime.device, non_blocking=True)
+    return images.contiguous(memory_format=torch.channels_last) if runtime.channels_last else images
+
+
+@torch.inference_mode()
+def predict_logits(
+    model: nn.Module, loader, runtime: Runtime, progress: bool = False, desc: str = "eval"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Logits (float32) and labels for every batch of ``loader``, in order."""
+    model.eval()
+    all_logits, all_labels = [], []
+    for images, labels in tqdm(loader, desc=desc, leave=False, disable=not progress, unit="batch"):
+        with runtime.autocast():
+            logits = model(to_device(images, runtime))
+        all_logits.append(logits.float().cpu())
+        all_labels.append(torch.as_tensor(labels))
+    return torch.cat(all_logits).numpy(), torch.cat(all_labels).numpy()
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    return torch.softmax(torch.from_numpy(logits).double(), dim=1).numpy()
+
+
+def evaluate_split(
+    model: nn.Module,
+    source: DatasetSource,
+    split: str,
+    preprocessing: Preprocessing,
+    runtime: Runtime,
+    num_workers: int = 0,
+    progress: bool = False,
+) -> tuple[dict, np.ndarray]:
+    """Metrics of ``model`` on one split, with the same transform and batching everywhere (train, evaluate)."""
+    dataset = ImageDataset(source, split, preprocessing.eval_transform())
+    loader = make_loader(dataset, EVAL_BATCH_SIZE, num_workers)
+    logits, labels = predict_logits(model, loader, runtime, progress, desc=f"evaluate {split}")
+    probs = softmax(logits)
+    metrics = classification_metrics(labels, probs, source.class_names, split)
+    return metrics, probs
+
+
+def write_evaluation(
+    run_dir: Path, metrics: dict, probs: np.ndarray, source: DatasetSource, suffix: str = ""
+) -> None:
+    """metrics{suffix}.json, confusion_matrix{suffix}.png, misclassified{suffix}.json/.png in the run folder."""
+    run_dir = Path(run_dir)
+    split = metrics["split"]
+    labels = np.asarray(source.splits[split].labels)
+    items = source.splits[split].items
+    atomic_write_json(run_dir / f"metrics{suffix}.json", metrics)
+    plot_confusion_matrix(
+        metrics["confusion_matrix"], source.class_names, run_dir / f"confusion_matrix{suffix}.png"
+    )
+    wrong = misclassified_examples(labels, probs, items, source.class_names)
+    atomic_write_json(run_dir / f"misclassified{suffix}.json", wrong)
+    plot_misclassified(wrong, lambda item: source.read(item)[0], run_dir / f"misclassified{suffix}.png")

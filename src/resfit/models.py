@@ -1,0 +1,272 @@
+"""Building torchvision ResNets, loading pretrained weights, replacing the head, freezing, param groups."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, WeightsError
+from .vision import models as tv_models
+
+ARCHITECTURES: dict[str, str] = {
+    "resnet18": "ResNet18_Weights",
+    "resnet34": "ResNet34_Weights",
+    "resnet50": "ResNet50_Weights",
+    "resnet101": "ResNet101_Weights",
+    "resnet152": "ResNet152_Weights",
+    "resnext50_32x4d": "ResNeXt50_32X4D_Weights",
+    "resnext101_32x8d": "ResNeXt101_32X8D_Weights",
+}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Backbone blocks from input to output: the order layer-wise learning rates decay along.
+BLOCKS = ("stem", "layer1", "layer2", "layer3", "layer4")
+
+
+@dataclass
+class PretrainedSource:
+    """What the starting weights were, and the preprocessing they were trained with."""
+
+    kind: str  # "imagenet" | "file" | "none"
+    description: str
+    state_dict: dict[str, torch.Tensor] | None = None
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    crop_size: int | None = None  # resolution the weights were trained at, when known
+    resize_size: int | None = None
+    card: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "kind": self.kind,
+            "description": self.description,
+            "crop_size": self.crop_size,
+            "card": {
+                k: self.card[k] for k in ("file", "sha256", "val_top1", "architecture") if k in self.card
+            },
+        }
+
+
+def check_architecture(arch: str) -> None:
+    if arch not in ARCHITECTURES:
+        raise ConfigError(f"unknown model {arch!r}: choose one of {', '.join(ARCHITECTURES)}")
+
+
+def build_model(arch: str, num_classes: int, dropout: float = 0.0) -> nn.Module:
+    """A torchvision ResNet with an N-class head; dropout sits in the pooling so state-dict keys stay torchvision's."""
+    check_architecture(arch)
+    if not 0.0 <= dropout < 1.0:
+        raise ConfigError(f"dropout must be in [0, 1), got {dropout}")
+    model = getattr(tv_models, arch)(weights=None, num_classes=num_classes)
+    if dropout > 0:
+        model.avgpool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Dropout(dropout))
+    return model
+
+
+def imagenet_weights_enum(arch: str):
+    """torchvision's best ImageNet weights for ``arch``: IMAGENET1K_V2 where it exists, else V1."""
+    check_architecture(arch)
+    weights_cls = getattr(tv_models, ARCHITECTURES[arch])
+    return getattr(weights_cls, "IMAGENET1K_V2", None) or weights_cls.IMAGENET1K_V1
+
+
+def imagenet_cache_path(arch: str) -> Path:
+    """Where torchvision's weights API caches the file: $TORCH_HOME/hub/checkpoints/<name from the URL>."""
+    url = imagenet_weights_enum(arch).url
+    return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+
+
+def _load_imagenet(arch: str) -> PretrainedSource:
+    weights = imagenet_weights_enum(arch)
+    cached = imagenet_cache_path(arch)
+    if cached.is_file():
+        state_dict = _load_state_file(cached)
+    else:
+        try:
+            state_dict = weights.get_state_dict(progress=True)  # downloads into the same cache
+        except Exception as error:  # noqa: BLE001 - urllib/ssl/OS errors alike mean "no download"
+            raise WeightsError(
+                f"ImageNet weights for {arch} ({weights}) are not cached at {cached} and could not be "
+                f"downloaded ({type(error).__name__}: {error}). Download {weights.url} and save it as {cached} "
+                f"(or set TORCH_HOME), or pass --weights FILE / --weights none"
+            ) from error
+    preprocess = weights.transforms()
+    return PretrainedSource(
+        kind="imagenet",
+        description=f"torchvision {arch} {weights} ({cached.name})",
+        state_dict=state_dict,
+        mean=tuple(preprocess.mean),
+        std=tuple(preprocess.std),
+        crop_size=int(preprocess.crop_size[0]),
+        resize_size=int(preprocess.resize_size[0]),
+    )
+
+
+def _load_state_file(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors only: .safetensors, or a .pth read with weights_only=True, which refuses pickled code."""
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(path))
+        except Exception as error:  # noqa: BLE001 - safetensors raises several types for bad files
+            raise WeightsError(f"{path}: not a readable safetensors file ({error})") from error
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            raise WeightsError(
+                f"{path}: refused to load: it holds pickled objects, not just tensors "
+                f"(only weights_only checkpoints are loaded; {str(error).splitlines()[0]})"
+            ) from error
+        except (RuntimeError, OSError, EOFError) as error:
+            raise WeightsError(f"{path}: not a readable PyTorch checkpoint ({error})") from error
+    for wrapper in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{path}: expected a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _read_card(path: Path) -> dict:
+    """A JSON card beside the weights (same stem) may state the resolution and normalisation they were trained at."""
+    card_path = path.with_suffix(".json")
+    if not card_path.is_file():
+        return {}
+    try:
+        card = json.loads(card_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return card if isinstance(card, dict) else {}
+
+
+def _load_file(path: Path) -> PretrainedSource:
+    state_dict = _load_state_file(path)
+    card = _read_card(path)
+    source = PretrainedSource(kind="file", description=str(path), state_dict=state_dict, card=card)
+    recipe = card.get("recipe", {})
+    norm = recipe.get("normalisation") or recipe.get("normalization") or {}
+    if len(norm.get("mean", ())) == 3 and len(norm.get("std", ())) == 3:
+        source.mean, source.std = tuple(norm["mean"]), tuple(norm["std"])
+    if isinstance(recipe.get("train_size_px"), int):
+        source.crop_size = recipe["train_size_px"]
+    # A previous resfit run's model.safetensors comes with model.json: reuse its preprocessing.
+    run_json = path.parent / "model.json"
+    if path.name == "model.safetensors" and run_json.is_file():
+        try:
+            prep = json.loads(run_json.read_text()).get("preprocessing", {})
+            source.mean, source.std = tuple(prep["mean"]), tuple(prep["std"])
+            source.crop_size = int(prep["crop_size"])
+        except (OSError, KeyError, TypeError, ValueError, json.JSONDecodeError):
+            pass
+    return source
+
+
+def load_pretrained(arch: str, weights: str) -> PretrainedSource:
+    """Resolve ``--weights``: 'imagenet' (torchvision's API and cache), 'none', or a state-dict file."""
+    check_architecture(arch)
+    if weights == "imagenet":
+        return _load_imagenet(arch)
+    if weights in ("none", "scratch", ""):
+        return PretrainedSource(kind="none", description="none (trained from scratch)")
+    return _load_file(Path(weights).expanduser())
+
+
+def is_head_key(key: str) -> bool:
+    return key.startswith("fc.")
+
+
+def apply_pretrained(model: nn.Module, source: PretrainedSource) -> None:
+    """Copy the backbone from ``source`` into ``model``; the head is new, whatever size the source's was."""
+    if source.state_dict is None:
+        return
+    own = model.state_dict()
+    incoming = {k: v for k, v in source.state_dict.items() if not is_head_key(k)}
+    expected = {k for k in own if not is_head_key(k)}
+    missing = sorted(expected - incoming.keys())
+    unexpected = sorted(incoming.keys() - expected)
+    wrong_shape = sorted(k for k in expected & incoming.keys() if own[k].shape != incoming[k].shape)
+    if missing or unexpected or wrong_shape:
+        parts = []
+        if wrong_shape:
+            shapes = ", ".join(
+                f"{k}: {tuple(incoming[k].shape)} vs {tuple(own[k].shape)}" for k in wrong_shape[:3]
+            )
+            parts.append(f"{len(wrong_shape)} with other shapes ({shapes})")
+        if missing:
+            parts.append(f"{len(missing)} missing ({', '.join(missing[:5])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected ({', '.join(unexpected[:5])})")
+        raise WeightsError(
+            f"the weights in {source.description} do not match the {type(model).__name__} backbone: "
+            + "; ".join(parts)
+        )
+    model.load_state_dict({**own, **{k: v.to(own[k].dtype) for k, v in incoming.items()}})
+
+
+def head(model: nn.Module) -> nn.Linear:
+    return model.fc
+
+
+def backbone_blocks(model: nn.Module) -> Iterator[tuple[str, list[nn.Module]]]:
+    """The backbone in order, as (block name, modules): stem, layer1..layer4."""
+    yield "stem", [model.conv1, model.bn1]
+    for name in BLOCKS[1:]:
+        yield name, [getattr(model, name)]
+
+
+def set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
+    for name, param in model.named_parameters():
+        param.requires_grad = trainable or is_head_key(name)
+
+
+def freeze_batchnorm(model: nn.Module) -> None:
+    """Put every BatchNorm in eval mode: running statistics from the source stay fixed while weights train."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
+def layerwise_param_groups(
+    model: nn.Module, head_lr: float, layer_decay: float, weight_decay: float
+) -> list[dict]:
+    """Discriminative learning rates: the head gets ``head_lr``, each block below it ``layer_decay`` times less.
+
+    Norm weights and biases get no weight decay: decaying them only fights the normalisation.
+    """
+    groups: list[dict] = []
+    named_blocks = list(backbone_blocks(model)) + [("head", [model.fc])]
+    depth = len(named_blocks) - 1
+    for index, (name, modules) in enumerate(named_blocks):
+        lr = head_lr * layer_decay ** (depth - index)
+        decay, no_decay = [], []
+        for module in modules:
+            for param_name, param in module.named_parameters():
+                if not param.requires_grad:
+                    continue
+                (no_decay if param.ndim <= 1 or param_name.endswith(".bias") else decay).append(param)
+        for params, wd in ((decay, weight_decay), (no_decay, 0.0)):
+            if params:
+                groups.append({"params": params, "lr": lr, "weight_decay": wd, "block": name})
+    return groups
+
+
+def feature_dim(model: nn.Module) -> int:
+    return model.fc.in_features
+
+
+def forward_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Pooled backbone features (the head's input), for the cached head-training stage."""
+    x = model.conv1(images)
+    x = model.maxpool(model.relu(model.bn1(x)))
+    x = model.layer4(model.layer3(model.layer2(model.layer1(x))))
+    return torch.flatten(model.avgpool(x), 1)

@@ -1,0 +1,91 @@
+"""TrainConfig: one dataclass that the CLI and the Python API both build; its defaults are the tested recipe."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from ..data.transforms import AUGMENTATIONS
+from ..errors import ConfigError
+from ..hardware import PRECISIONS
+from ..models import check_architecture
+
+OPTIMIZERS = ("adamw", "sgd")
+BN_MODES = ("frozen", "train")
+DEFAULT_LR = {"adamw": 1e-3, "sgd": 1e-2}
+
+
+@dataclass
+class TrainConfig:
+    """Two stages: the head on the frozen backbone (a probe fitted on cached features), then full fine-tuning.
+
+    ``lr`` is the head's learning rate in stage 2; each backbone block below gets ``layer_decay`` times less.
+    ``None`` means "chosen for you": image size from the weights, batch size from the device, lr per optimizer.
+    """
+
+    data: str = ""
+    model: str = "resnet50"
+    weights: str = "imagenet"
+    epochs: int = 6
+    img_size: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    optimizer: str = "adamw"
+    weight_decay: float = 0.05
+    layer_decay: float = 0.5
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    dropout: float = 0.0
+    augment: str = "standard"
+    min_crop_scale: float = 0.35
+    bn: str = "frozen"
+    head_stage: bool = True
+    patience: int = 3
+    seed: int = 0
+    val_fraction: float = 0.2
+    device: str = "auto"
+    precision: str = "auto"
+    num_workers: int | None = None
+    out: str | None = None
+    quiet: bool = False
+
+    def validate(self) -> None:
+        if not self.data:
+            raise ConfigError("no dataset given")
+        check_architecture(self.model)
+        checks = [
+            (self.epochs >= 0, f"epochs must be >= 0, got {self.epochs}"),
+            (self.img_size is None or self.img_size >= 32, f"img-size must be >= 32, got {self.img_size}"),
+            (
+                self.batch_size is None or self.batch_size >= 1,
+                f"batch-size must be >= 1, got {self.batch_size}",
+            ),
+            (self.lr is None or self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}"),
+            (self.bn in BN_MODES, f"bn must be one of {BN_MODES}, got {self.bn!r}"),
+            (self.augment in AUGMENTATIONS, f"augment must be one of {AUGMENTATIONS}, got {self.augment!r}"),
+            (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}"),
+            (0 < self.layer_decay <= 1, f"layer-decay must be in (0, 1], got {self.layer_decay}"),
+            (0 <= self.label_smoothing < 1, f"label-smoothing must be in [0, 1), got {self.label_smoothing}"),
+            (0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}"),
+            (0 < self.val_fraction < 1, f"val-fraction must be in (0, 1), got {self.val_fraction}"),
+            (0 < self.min_crop_scale <= 1, f"min-crop-scale must be in (0, 1], got {self.min_crop_scale}"),
+            (
+                self.epochs > 0 or self.head_stage,
+                "with --epochs 0 the head stage is the whole run: keep it on",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    @property
+    def head_lr(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})

@@ -1,0 +1,432 @@
+"""The training run: scan the data, fit the head on the frozen backbone, fine-tune everything, keep the best.
+
+Every epoch ends with the best model in the run folder and a resumable state on disk, so a crash
+or kill -9 costs at most one epoch.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..data.dataset import ImageDataset
+from ..data.scan import load_dataset
+from ..data.transforms import Preprocessing
+from ..errors import RunFolderError
+from ..evaluate import (
+    EVAL_BATCH_SIZE,
+    evaluate_split,
+    make_loader,
+    predict_logits,
+    to_device,
+    write_evaluation,
+)
+from ..fileio import atomic_write_json, atomic_write_text
+from ..hardware import Runtime, apply_threads, default_num_workers, resolve_runtime
+from ..models import (
+    PretrainedSource,
+    apply_pretrained,
+    build_model,
+    freeze_batchnorm,
+    layerwise_param_groups,
+    load_pretrained,
+    set_backbone_trainable,
+)
+from ..reports import format_metrics_table, plot_training_curves
+from ..runfolder import build_model_meta, load_model, write_model
+from .config import TrainConfig
+from .head import extract_features, fit_probe_head, head_logits
+from .state import load_state, restore, save_state
+
+TRAIN_CONFIG = "train_config.json"
+HISTORY_COLUMNS = (
+    "epoch",
+    "stage",
+    "lr",
+    "train_loss",
+    "train_acc",
+    "val_loss",
+    "val_acc",
+    "seconds",
+    "elapsed",
+)
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    metrics: dict
+    history: list[dict]
+    best_epoch: int
+    seconds: float
+
+
+def default_img_size(pretrained: PretrainedSource) -> int:
+    """The resolution the weights were trained at (224 for torchvision's ImageNet weights)."""
+    return pretrained.crop_size or 224
+
+
+def default_batch_size(runtime: Runtime, img_size: int) -> int:
+    if runtime.device == "cuda":
+        return 64
+    return 32 if img_size <= 192 else 16
+
+
+def cosine_with_warmup(step: int, total_steps: int, warmup_steps: int) -> float:
+    """Linear warm-up to 1, then cosine decay to 0: the multiplier of each group's initial lr."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float(
+        nn.functional.cross_entropy(torch.from_numpy(logits).double(), torch.from_numpy(labels)).item()
+    )
+
+
+def write_history(run_dir: Path, history: list[dict]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=HISTORY_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in history:
+        writer.writerow(
+            {k: ("" if v is None else round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}
+        )
+    atomic_write_text(run_dir / "history.csv", buffer.getvalue())
+    plot_training_curves(history, run_dir / "curves.png")
+
+
+class Trainer:
+    """One run. Built from a config (a new run) or from a run folder's saved config (resume)."""
+
+    def __init__(self, config: TrainConfig, run_dir: Path, resuming: bool, say: Callable[[str], None]):
+        self.config = config
+        self.run_dir = run_dir
+        self.resuming = resuming
+        self.say = say
+        self.started = time.perf_counter()
+
+    # -- set-up -------------------------------------------------------------------------------
+    def prepare(self) -> None:
+        config = self.config
+        self.runtime = resolve_runtime(config.device, config.precision)
+        apply_threads(self.runtime)
+        self.say(f"device: {self.runtime.describe()}")
+        self.source, self.report = load_dataset(
+            config.data, val_fraction=config.val_fraction, seed=config.seed, progress=not config.quiet
+        )
+        self.say(self.report.summary_line())
+        for note in self.source.notes:
+            self.say(f"note: {note}")
+        self.pretrained = load_pretrained(config.model, config.weights)
+        self.say(f"weights: {self.pretrained.description}")
+        # Resolve every "chosen for you" value once and store it, so a resumed run uses the same ones.
+        config.img_size = config.img_size or default_img_size(self.pretrained)
+        config.batch_size = config.batch_size or default_batch_size(self.runtime, config.img_size)
+        if config.num_workers is None:
+            config.num_workers = default_num_workers(self.runtime)
+        if config.lr is None:
+            config.lr = config.head_lr
+        self.preprocessing = Preprocessing.for_size(
+            config.img_size, self.pretrained.mean, self.pretrained.std
+        )
+        if self.pretrained.kind == "imagenet" and config.img_size == self.pretrained.crop_size:
+            self.preprocessing = Preprocessing(
+                config.img_size, self.pretrained.resize_size, self.pretrained.mean, self.pretrained.std
+            )
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.run_dir / TRAIN_CONFIG, config.to_dict())
+        atomic_write_json(self.run_dir / "data_report.json", self.report.to_dict())
+        self.model = build_model(config.model, len(self.source.class_names), config.dropout)
+        apply_pretrained(self.model, self.pretrained)
+        self.model.to(self.runtime.device, memory_format=torch.channels_last)
+        self.meta = build_model_meta(
+            config.model,
+            self.source.class_names,
+            self.preprocessing,
+            config.dropout,
+            precision=self.runtime.precision,
+            runtime=self.runtime.to_dict(),
+            pretrained=self.pretrained.to_dict(),
+            data={"path": str(Path(config.data).resolve()), "layout": self.source.layout},
+            training_config=config.to_dict(),
+        )
+        self.pretrained.state_dict = None  # the backbone is in the model now; free the copy
+        self.say(
+            f"model: {config.model}, {len(self.source.class_names)} classes, {config.img_size} px, batch {config.batch_size}, "
+            f"{config.optimizer} lr {config.lr:g} (layer decay {config.layer_decay}), {config.epochs} fine-tuning epochs"
+        )
+
+    def _seed(self) -> None:
+        seed = self.config.seed
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+    # -- stage 1 --------------------------------------------------------------------------------
+    def fit_head(self) -> dict:
+        config, progress = self.config, not self.config.quiet
+        t0 = time.perf_counter()
+        train_x, train_y = extract_features(
+            self.model, self.source, "train", self.preprocessing, self.runtime, config.num_workers, progress
+        )
+        val_x, val_y = extract_features(
+            self.model, self.source, "val", self.preprocessing, self.runtime, config.num_workers, progress
+        )
+        head = self.model.fc
+        head.to("cpu")
+        probe = fit_probe_head(head, train_x, train_y, len(self.source.class_names), config.seed)
+        train_logits, val_logits = head_logits(head, train_x), head_logits(head, val_x)
+        head.to(self.runtime.device)
+        return {
+            "epoch": 0,
+            "stage": "head",
+            "lr": None,
+            "train_loss": cross_entropy(train_logits, train_y),
+            "train_acc": float((train_logits.argmax(1) == train_y).mean()),
+            "val_loss": cross_entropy(val_logits, val_y),
+            "val_acc": float((val_logits.argmax(1) == val_y).mean()),
+            "seconds": time.perf_counter() - t0,
+            "probe_c": probe.regularisation,
+        }
+
+    # -- stage 2 --------------------------------------------------------------------------------
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        config = self.config
+        set_backbone_trainable(self.model, True)
+        groups = layerwise_param_groups(self.model, config.lr, config.layer_decay, config.weight_decay)
+        for group in groups:
+            group["initial_lr"] = group["lr"]
+        if config.optimizer == "sgd":
+            return torch.optim.SGD(groups, lr=config.lr, momentum=0.9, nesterov=True)
+        return torch.optim.AdamW(groups, lr=config.lr)
+
+    def train_epoch(self, epoch: int, optimizer, scaler, loader, criterion) -> tuple[float, float, float]:
+        config, runtime = self.config, self.runtime
+        steps = len(loader)
+        total, warmup = config.epochs * steps, round(config.warmup_epochs * steps)
+        self.model.train()
+        if config.bn == "frozen":
+            freeze_batchnorm(self.model)
+        loss_sum, correct, seen, lr = 0.0, 0, 0, 0.0
+        bar = tqdm(
+            loader, desc=f"epoch {epoch}/{config.epochs}", leave=False, disable=config.quiet, unit="batch"
+        )
+        for step, (images, labels) in enumerate(bar):
+            factor = cosine_with_warmup((epoch - 1) * steps + step, total, warmup)
+            for group in optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * factor
+            lr = config.lr * factor
+            images, labels = to_device(images, runtime), labels.to(runtime.device)
+            with runtime.autocast():
+                logits = self.model(images)
+            loss = criterion(logits.float(), labels)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            loss_sum += loss.item() * len(labels)
+            correct += (logits.argmax(1) == labels).sum().item()
+            seen += len(labels)
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+        return loss_sum / max(1, seen), correct / max(1, seen), lr
+
+    def validate(self, loader) -> tuple[float, float]:
+        logits, labels = predict_logits(self.model, loader, self.runtime)
+        return cross_entropy(logits, labels), float((logits.argmax(1) == labels).mean())
+
+    # -- the run ----------------------------------------------------------------------------------
+    def run(self) -> RunResult:
+        config = self.config
+        self.prepare()
+        self._seed()
+        progress = {
+            "history": [],
+            "best_val_acc": -1.0,
+            "best_epoch": -1,
+            "best_val_loss": math.inf,
+            "bad_epochs": 0,
+            "done": False,
+        }
+        state = tensors = None
+        if self.resuming:
+            state, tensors = load_state(self.run_dir)
+            progress = {k: state[k] for k in progress}
+            self.say(f"resuming {self.run_dir} after epoch {state['epoch']}")
+        history = progress["history"]
+
+        def record(row: dict, optimizer) -> None:
+            row["elapsed"] = (
+                time.perf_counter()
+                - self.started
+                + (history[-1]["elapsed"] if self.resuming and history else 0)
+            )
+            history.append(row)
+            if row["val_acc"] > progress["best_val_acc"]:
+                progress.update(best_val_acc=row["val_acc"], best_epoch=row["epoch"])
+                write_model(
+                    self.run_dir,
+                    self.model,
+                    self.meta | {"best": {"epoch": row["epoch"], "val_accuracy": row["val_acc"]}},
+                )
+            if row["val_loss"] < progress["best_val_loss"] - 1e-4:
+                progress.update(best_val_loss=row["val_loss"], bad_epochs=0)
+            else:
+                progress["bad_epochs"] += 1
+            save_state(self.run_dir, row["epoch"], self.model, optimizer, progress)
+            write_history(self.run_dir, history)
+            lr = f"lr {row['lr']:.2e}" if row["lr"] is not None else f"probe C {row.get('probe_c', 0):g}"
+            self.say(
+                f"epoch {row['epoch']:>2} {row['stage']:<8} train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} | "
+                f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f} | {lr} | {row['seconds']:.1f}s"
+                + ("  *best" if progress["best_epoch"] == row["epoch"] else "")
+            )
+
+        if state is None and config.head_stage:
+            set_backbone_trainable(self.model, False)
+            record(self.fit_head(), None)
+        elif state is None:
+            val_loader = make_loader(
+                ImageDataset(self.source, "val", self.preprocessing.eval_transform()),
+                EVAL_BATCH_SIZE,
+                config.num_workers,
+            )
+            val_loss, val_acc = self.validate(val_loader)
+            record(
+                {
+                    "epoch": 0,
+                    "stage": "start",
+                    "lr": None,
+                    "train_loss": None,
+                    "train_acc": None,
+                    "val_loss": val_loss,
+                    "val_acc": val_acc,
+                    "seconds": 0.0,
+                },
+                None,
+            )
+
+        optimizer = self.make_optimizer()
+        if state is not None:
+            restore(self.model, optimizer, state, tensors)
+            self.model.to(self.runtime.device, memory_format=torch.channels_last)
+        start = (state["epoch"] if state else 0) + 1
+        if not progress["done"] and start <= config.epochs:
+            self.fine_tune(optimizer, start, progress, record)
+        progress["done"] = True
+        return self.finish(history, progress)
+
+    def fine_tune(self, optimizer, start: int, progress: dict, record) -> None:
+        config = self.config
+        train_set = ImageDataset(
+            self.source, "train", self.preprocessing.train_transform(config.augment, config.min_crop_scale)
+        )
+        val_loader = make_loader(
+            ImageDataset(self.source, "val", self.preprocessing.eval_transform()),
+            EVAL_BATCH_SIZE,
+            config.num_workers,
+        )
+        criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+        scaler = torch.amp.GradScaler(self.runtime.device, enabled=self.runtime.precision == "fp16")
+        for epoch in range(start, config.epochs + 1):
+            if progress["bad_epochs"] >= config.patience:
+                break
+            t0 = time.perf_counter()
+            # Shuffling and worker seeds derive from (seed, epoch): a resumed epoch sees the same batches.
+            generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+            loader = make_loader(
+                train_set,
+                config.batch_size,
+                config.num_workers,
+                shuffle=True,
+                generator=generator,
+                drop_last=len(train_set) % config.batch_size == 1,
+            )
+            train_loss, train_acc, lr = self.train_epoch(epoch, optimizer, scaler, loader, criterion)
+            val_loss, val_acc = self.validate(val_loader)
+            record(
+                {
+                    "epoch": epoch,
+                    "stage": "finetune",
+                    "lr": lr,
+                    "train_loss": train_loss,
+                    "train_acc": train_acc,
+                    "val_loss": val_loss,
+                    "val_acc": val_acc,
+                    "seconds": time.perf_counter() - t0,
+                },
+                optimizer,
+            )
+            if progress["bad_epochs"] >= config.patience and epoch < config.epochs:
+                self.say(f"early stop: validation loss has not improved for {config.patience} epochs")
+
+    def finish(self, history: list[dict], progress: dict) -> RunResult:
+        """Evaluate the kept (best) model exactly as `resfit evaluate` would, and write the reports."""
+        model, meta = load_model(self.run_dir)
+        model.to(self.runtime.device, memory_format=torch.channels_last)
+        splits = ["val"] + (["test"] if "test" in self.source.splits else [])
+        results = {}
+        for split in splits:
+            metrics, probs = evaluate_split(
+                model, self.source, split, self.preprocessing, self.runtime, self.config.num_workers
+            )
+            write_evaluation(
+                self.run_dir, metrics, probs, self.source, suffix="" if split == "val" else f"_{split}"
+            )
+            results[split] = metrics
+        metrics = results["val"]
+        seconds = time.perf_counter() - self.started
+        self.say(format_metrics_table(metrics))
+        self.say(
+            f"best epoch {progress['best_epoch']} (val acc {metrics['accuracy']:.4f}); run took {seconds:.0f}s; "
+            f"saved to {self.run_dir}"
+        )
+        return RunResult(self.run_dir, metrics, history, progress["best_epoch"], seconds)
+
+
+def default_run_dir(model: str) -> Path:
+    return Path("runs") / f"{model}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def train(config: TrainConfig, say: Callable[[str], None] | None = None) -> RunResult:
+    """Train a new run described by ``config``; returns its metrics and folder."""
+    config.validate()
+    run_dir = Path(config.out) if config.out else default_run_dir(config.model)
+    if (run_dir / TRAIN_CONFIG).exists():
+        raise RunFolderError(
+            f"{run_dir} already holds a run: resume it with --resume {run_dir} or choose another --out"
+        )
+    return Trainer(config, run_dir, resuming=False, say=say or _printer(config.quiet)).run()
+
+
+def resume(run_dir: str | Path, say: Callable[[str], None] | None = None) -> RunResult:
+    """Continue an interrupted run from its last completed epoch, with the same schedule and randomness."""
+    run_dir = Path(run_dir)
+    config_path = run_dir / TRAIN_CONFIG
+    if not config_path.is_file():
+        raise RunFolderError(f"{run_dir} is not a resfit run folder (no {TRAIN_CONFIG})")
+    config = TrainConfig.from_dict(json.loads(config_path.read_text()))
+    config.out = str(run_dir)
+    return Trainer(config, run_dir, resuming=True, say=say or _printer(config.quiet)).run()
+
+
+def _printer(quiet: bool) -> Callable[[str], None]:
+    def say(message: str) -> None:
+        print(message, flush=True)
+
+    return say

@@ -1,0 +1,123 @@
+"""Resume state: tensors in safetensors, everything else in JSON; never a pickle.
+
+Written at the end of every epoch as ``resume/epoch-<k>.safetensors`` then ``resume/state.json``
+(atomically, the JSON last): a kill at any moment leaves the last complete epoch resumable.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..errors import RunFolderError
+from ..fileio import atomic_write, atomic_write_json
+
+RESUME_DIR = "resume"
+STATE_JSON = "state.json"
+
+
+def rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
+    py_version, py_internal, py_gauss = random.getstate()
+    np_state = np.random.get_state()
+    meta = {
+        "python": [py_version, list(py_internal), py_gauss],
+        "numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+    tensors = {
+        "rng.torch": torch.get_rng_state(),
+        "rng.numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+    }
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = state
+    return meta, tensors
+
+
+def set_rng_state(meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((name, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer | None) -> tuple[dict, dict[str, torch.Tensor]]:
+    if optimizer is None:
+        return {}, {}
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for param_id, param_state in state["state"].items():
+        for key, value in param_state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{param_id}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{param_id}.{key}"] = value
+    groups = [{k: v for k, v in group.items()} for group in state["param_groups"]]
+    return {"param_groups": groups, "scalars": scalars}, tensors
+
+
+def _restore_optimizer(
+    optimizer: torch.optim.Optimizer, meta: dict, tensors: dict[str, torch.Tensor]
+) -> None:
+    per_param: dict[int, dict] = {}
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            _, param_id, key = name.split(".", 2)
+            per_param.setdefault(int(param_id), {})[key] = value
+    for name, value in meta.get("scalars", {}).items():
+        param_id, key = name.split(".", 1)
+        per_param.setdefault(int(param_id), {})[key] = value
+    optimizer.load_state_dict({"state": per_param, "param_groups": meta["param_groups"]})
+
+
+def save_state(
+    run_dir: Path,
+    epoch: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    progress: dict,
+) -> None:
+    """Save everything needed to continue after ``epoch`` (0 = after the head stage)."""
+    folder = Path(run_dir) / RESUME_DIR
+    rng_meta, rng_tensors = rng_state()
+    optim_meta, optim_tensors = _optimizer_tensors(optimizer)
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors.update(optim_tensors)
+    tensors.update(rng_tensors)
+    weights_name = f"epoch-{epoch}.safetensors"
+    atomic_write(folder / weights_name, lambda tmp: save_file(tensors, tmp))
+    atomic_write_json(
+        folder / STATE_JSON,
+        {"epoch": epoch, "tensors": weights_name, "optimizer": optim_meta, "rng": rng_meta, **progress},
+    )
+    for old in folder.glob("epoch-*.safetensors"):
+        if old.name != weights_name:
+            old.unlink(missing_ok=True)
+
+
+def load_state(run_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    folder = Path(run_dir) / RESUME_DIR
+    state_path = folder / STATE_JSON
+    if not state_path.is_file():
+        raise RunFolderError(
+            f"{run_dir} has no resume state ({RESUME_DIR}/{STATE_JSON}): it never finished an epoch"
+        )
+    state = json.loads(state_path.read_text())
+    tensors = load_file(str(folder / state["tensors"]))
+    return state, tensors
+
+
+def restore(model: nn.Module, optimizer: torch.optim.Optimizer | None, state: dict, tensors: dict) -> None:
+    model.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
+    if optimizer is not None and state.get("optimizer"):
+        _restore_optimizer(optimizer, state["optimizer"], tensors)
+    set_rng_state(state["rng"], tensors)
