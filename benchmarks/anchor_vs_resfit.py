@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -77,9 +78,10 @@ def run_resfit(data: Path, model: str, weights: Path, workdir: Path, extra: list
     history = list(csv.DictReader((run_dir / "history.csv").open()))
     metrics = json.loads((run_dir / "metrics.json").read_text())
     config = json.loads((run_dir / "train_config.json").read_text())
-    last_elapsed = float(history[-1]["elapsed"])
-    # Process start-up and the final evaluation happen outside the history's clock.
-    startup = wall - last_elapsed
+    # The history's clock starts once resfit is imported: add the interpreter and import time.
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import resfit.cli, resfit.train"], check=True)
+    startup = time.perf_counter() - started
     return {
         "wall_s": wall,
         "final_val_acc": metrics["accuracy"],
@@ -96,7 +98,7 @@ def run_resfit(data: Path, model: str, weights: Path, workdir: Path, extra: list
 def time_to_reach(resfit: dict, target: float) -> float | None:
     for _epoch, _stage, acc, elapsed in resfit["history"]:
         if acc >= target:
-            return elapsed + min(resfit["startup_s"], 10.0)
+            return elapsed + resfit["startup_s"]
     return None
 
 
@@ -138,8 +140,13 @@ def plain_probe(data: Path, model: str, weights: Path, size: int) -> dict:
 
     xtr, ytr = features("train")
     xva, yva = features("val")
-    clf = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=np.logspace(-3, 1, 9), cv=3, max_iter=1000))
-    clf.fit(xtr, ytr)
+    clf = make_pipeline(
+        StandardScaler(),
+        LogisticRegressionCV(Cs=np.logspace(-3, 1, 9), cv=3, max_iter=1000, scoring="accuracy"),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # sklearn 1.9's notices about future defaults
+        clf.fit(xtr, ytr)
     return {
         "val_acc": float((clf.predict(xva) == yva).mean()),
         "size": size,

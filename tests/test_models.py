@@ -16,6 +16,7 @@ from resfit.models import (
     load_pretrained,
     set_backbone_trainable,
 )
+from resfit.vision import torchvision
 
 
 def test_imagenet_weights_come_from_torchvision_cache(tmp_path, monkeypatch):
@@ -42,12 +43,17 @@ def test_resnet50_imagenet_uses_v2_weights_file_name(tmp_path, monkeypatch):
 def test_missing_imagenet_file_offline_names_the_expected_file(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
 
-    def refuse_download(*args, **kwargs):
+    asked = []
+
+    def refuse_download(url, *args, **kwargs):
+        asked.append(url)
         raise OSError("network is unreachable")
 
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse_download)
+    # torchvision's weights API downloads through this function (offline here: it must fail cleanly).
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", refuse_download)
     with pytest.raises(WeightsError) as error:
         load_pretrained("resnet18", "imagenet")
+    assert asked == ["https://download.pytorch.org/models/resnet18-f37072fd.pth"]
     message = str(error.value)
     assert str(tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth") in message
     assert "download.pytorch.org" in message

@@ -79,23 +79,30 @@ class Classifier:
     def predict_paths(
         self, paths: Iterable[str], top_k: int = 5, batch_size: int = PREDICT_BATCH_SIZE
     ) -> Iterator[Prediction]:
-        """Predictions file by file; an unreadable file yields an error entry and the rest go on."""
-        pending: list[tuple[str, Image.Image]] = []
+        """Predictions in input order, batched; an unreadable file yields an error entry and the rest go on."""
+        pending: list[tuple[str, Image.Image | None, str | None]] = []
 
         def flush() -> Iterator[Prediction]:
-            probs = self.predict_proba([image for _, image in pending])
-            for (path, _), row in zip(pending, probs, strict=True):
-                yield Prediction(path, self._top_k(row, top_k))
+            images = [image for _, image, _ in pending if image is not None]
+            rows = iter(self.predict_proba(images)) if images else iter(())
+            for path, image, error in pending:
+                yield (
+                    Prediction(path, error=error)
+                    if image is None
+                    else Prediction(path, self._top_k(next(rows), top_k))
+                )
             pending.clear()
 
+        decoded = 0
         for path in paths:
             try:
-                pending.append((path, open_rgb(path)[0]))
+                pending.append((path, open_rgb(path)[0], None))
+                decoded += 1
             except ImageReadError as error:
-                yield Prediction(path, error=error.reason)
-                continue
-            if len(pending) >= batch_size:
+                pending.append((path, None, error.reason))
+            if decoded >= batch_size:
                 yield from flush()
+                decoded = 0
         if pending:
             yield from flush()
 

@@ -62,6 +62,7 @@ HISTORY_COLUMNS = (
     "val_acc",
     "seconds",
     "elapsed",
+    "images_per_s",
 )
 
 
@@ -111,6 +112,22 @@ def write_history(run_dir: Path, history: list[dict]) -> None:
     plot_training_curves(history, run_dir / "curves.png")
 
 
+def epoch_line(row: dict) -> str:
+    """One line per epoch for the terminal and logs; stages without a value show '-'."""
+
+    def number(key: str, spec: str) -> str:
+        value = row.get(key)
+        return "-" if value is None else format(value, spec)
+
+    step = f"lr {number('lr', '.2e')}" if row.get("lr") is not None else f"probe C {number('probe_c', 'g')}"
+    speed = f"{number('images_per_s', '.1f')} img/s" + (" (features)" if row["stage"] == "head" else "")
+    return (
+        f"epoch {row['epoch']:>2} {row['stage']:<8} train loss {number('train_loss', '.4f')} "
+        f"acc {number('train_acc', '.4f')} | val loss {number('val_loss', '.4f')} acc {number('val_acc', '.4f')} | "
+        f"{step} | {row['seconds']:.1f}s, {speed}"
+    )
+
+
 class Trainer:
     """One run. Built from a config (a new run) or from a run folder's saved config (resume)."""
 
@@ -124,6 +141,7 @@ class Trainer:
     # -- set-up -------------------------------------------------------------------------------
     def prepare(self) -> None:
         config = self.config
+        self._seed()  # before anything random: the split, the head's initialisation, the first batches
         self.runtime = resolve_runtime(config.device, config.precision)
         apply_threads(self.runtime)
         self.say(f"device: {self.runtime.describe()}")
@@ -188,6 +206,7 @@ class Trainer:
         val_x, val_y = extract_features(
             self.model, self.source, "val", self.preprocessing, self.runtime, config.num_workers, progress
         )
+        extract_seconds = time.perf_counter() - t0
         head = self.model.fc
         head.to("cpu")
         probe = fit_probe_head(head, train_x, train_y, len(self.source.class_names), config.seed)
@@ -202,6 +221,7 @@ class Trainer:
             "val_loss": cross_entropy(val_logits, val_y),
             "val_acc": float((val_logits.argmax(1) == val_y).mean()),
             "seconds": time.perf_counter() - t0,
+            "images_per_s": (len(train_y) + len(val_y)) / max(1e-9, extract_seconds),
             "probe_c": probe.regularisation,
         }
 
@@ -224,6 +244,7 @@ class Trainer:
         if config.bn == "frozen":
             freeze_batchnorm(self.model)
         loss_sum, correct, seen, lr = 0.0, 0, 0, 0.0
+        started = time.perf_counter()
         bar = tqdm(
             loader, desc=f"epoch {epoch}/{config.epochs}", leave=False, disable=config.quiet, unit="batch"
         )
@@ -244,7 +265,8 @@ class Trainer:
             correct += (logits.argmax(1) == labels).sum().item()
             seen += len(labels)
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
-        return loss_sum / max(1, seen), correct / max(1, seen), lr
+        images_per_s = seen / max(1e-9, time.perf_counter() - started)
+        return loss_sum / max(1, seen), correct / max(1, seen), lr, images_per_s
 
     def validate(self, loader) -> tuple[float, float]:
         logits, labels = predict_logits(self.model, loader, self.runtime)
@@ -254,7 +276,6 @@ class Trainer:
     def run(self) -> RunResult:
         config = self.config
         self.prepare()
-        self._seed()
         progress = {
             "history": [],
             "best_val_acc": -1.0,
@@ -269,13 +290,11 @@ class Trainer:
             progress = {k: state[k] for k in progress}
             self.say(f"resuming {self.run_dir} after epoch {state['epoch']}")
         history = progress["history"]
+        # A resumed run's clock continues from where the interrupted one stopped.
+        elapsed_before = history[-1]["elapsed"] if history else 0.0
 
         def record(row: dict, optimizer) -> None:
-            row["elapsed"] = (
-                time.perf_counter()
-                - self.started
-                + (history[-1]["elapsed"] if self.resuming and history else 0)
-            )
+            row["elapsed"] = elapsed_before + time.perf_counter() - self.started
             history.append(row)
             if row["val_acc"] > progress["best_val_acc"]:
                 progress.update(best_val_acc=row["val_acc"], best_epoch=row["epoch"])
@@ -290,12 +309,7 @@ class Trainer:
                 progress["bad_epochs"] += 1
             save_state(self.run_dir, row["epoch"], self.model, optimizer, progress)
             write_history(self.run_dir, history)
-            lr = f"lr {row['lr']:.2e}" if row["lr"] is not None else f"probe C {row.get('probe_c', 0):g}"
-            self.say(
-                f"epoch {row['epoch']:>2} {row['stage']:<8} train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} | "
-                f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f} | {lr} | {row['seconds']:.1f}s"
-                + ("  *best" if progress["best_epoch"] == row["epoch"] else "")
-            )
+            self.say(epoch_line(row) + ("  *best" if progress["best_epoch"] == row["epoch"] else ""))
 
         if state is None and config.head_stage:
             set_backbone_trainable(self.model, False)
@@ -357,7 +371,9 @@ class Trainer:
                 generator=generator,
                 drop_last=len(train_set) % config.batch_size == 1,
             )
-            train_loss, train_acc, lr = self.train_epoch(epoch, optimizer, scaler, loader, criterion)
+            train_loss, train_acc, lr, images_per_s = self.train_epoch(
+                epoch, optimizer, scaler, loader, criterion
+            )
             val_loss, val_acc = self.validate(val_loader)
             record(
                 {
@@ -369,6 +385,7 @@ class Trainer:
                     "val_loss": val_loss,
                     "val_acc": val_acc,
                     "seconds": time.perf_counter() - t0,
+                    "images_per_s": images_per_s,
                 },
                 optimizer,
             )
@@ -411,7 +428,7 @@ def train(config: TrainConfig, say: Callable[[str], None] | None = None) -> RunR
         raise RunFolderError(
             f"{run_dir} already holds a run: resume it with --resume {run_dir} or choose another --out"
         )
-    return Trainer(config, run_dir, resuming=False, say=say or _printer(config.quiet)).run()
+    return Trainer(config, run_dir, resuming=False, say=say or _print).run()
 
 
 def resume(run_dir: str | Path, say: Callable[[str], None] | None = None) -> RunResult:
@@ -422,11 +439,8 @@ def resume(run_dir: str | Path, say: Callable[[str], None] | None = None) -> Run
         raise RunFolderError(f"{run_dir} is not a resfit run folder (no {TRAIN_CONFIG})")
     config = TrainConfig.from_dict(json.loads(config_path.read_text()))
     config.out = str(run_dir)
-    return Trainer(config, run_dir, resuming=True, say=say or _printer(config.quiet)).run()
+    return Trainer(config, run_dir, resuming=True, say=say or _print).run()
 
 
-def _printer(quiet: bool) -> Callable[[str], None]:
-    def say(message: str) -> None:
-        print(message, flush=True)
-
-    return say
+def _print(message: str) -> None:
+    print(message, flush=True)

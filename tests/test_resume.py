@@ -1,0 +1,120 @@
+"""Resume: the state round-trips exactly, and a run killed with SIGKILL ends as if it never stopped."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from resfit.models import build_model
+from resfit.train import TrainConfig, train
+from resfit.train.state import load_state, restore, save_state
+
+
+def test_state_round_trips_model_optimizer_and_rng(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("resnet18", 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    images = torch.randn(2, 3, 32, 32)
+    model(images).sum().backward()
+    optimizer.step()
+    save_state(tmp_path, 1, model, optimizer, {"history": [], "best_val_acc": 0.5})
+    expected_next = torch.rand(3)
+
+    other = build_model("resnet18", 3)
+    other_optimizer = torch.optim.AdamW(other.parameters(), lr=1e-3)
+    torch.manual_seed(123)
+    state, tensors = load_state(tmp_path)
+    restore(other, other_optimizer, state, tensors)
+    assert state["epoch"] == 1 and state["best_val_acc"] == 0.5
+    assert torch.equal(torch.rand(3), expected_next)  # RNG restored
+    for a, b in zip(model.state_dict().values(), other.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    # The optimizer moments came back: the same next step gives the same weights.
+    for net, opt in ((model, optimizer), (other, other_optimizer)):
+        opt.zero_grad()
+        net(images).sum().backward()
+        opt.step()
+    assert torch.equal(model.fc.weight, other.fc.weight)
+    assert not list(tmp_path.glob("resume/*.tmp"))
+
+
+def _subset(shared_dir: Path, root: Path, per_class: int) -> Path:
+    """A small copy of real photos (ants/bees) so the test is quick; ../shared stays untouched."""
+    for split, count in (("train", per_class), ("val", per_class // 2)):
+        for cls in ("ants", "bees"):
+            target = root / split / cls
+            target.mkdir(parents=True)
+            for src in sorted((shared_dir / "data" / "hymenoptera" / split / cls).glob("*.jpg"))[:count]:
+                (target / src.name).symlink_to(src)
+    return root
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_metrics(shared_dir, tmp_path):
+    data = _subset(shared_dir, tmp_path / "data", per_class=40)
+    flags = dict(
+        model="resnet18", weights="none", epochs=3, img_size=64, batch_size=16, num_workers=0, seed=7
+    )
+    reference = train(
+        TrainConfig(data=str(data), out=str(tmp_path / "whole"), quiet=True, **flags), say=lambda _: None
+    )
+
+    run_dir = tmp_path / "killed"
+    cli = [
+        sys.executable,
+        "-m",
+        "resfit",
+        "train",
+        str(data),
+        "--model",
+        "resnet18",
+        "--weights",
+        "none",
+        "--epochs",
+        "3",
+        "--img-size",
+        "64",
+        "--batch-size",
+        "16",
+        "--workers",
+        "0",
+        "--seed",
+        "7",
+        "--out",
+        str(run_dir),
+        "--quiet",
+    ]
+    process = subprocess.Popen(cli, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state_file = run_dir / "resume" / "state.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if state_file.exists() and json.loads(state_file.read_text())["epoch"] >= 1:
+            os.kill(process.pid, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (run_dir / "metrics.json").exists()
+
+    resumed = subprocess.run(
+        [sys.executable, "-m", "resfit", "train", "--resume", str(run_dir), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stdout
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["accuracy"] == reference.metrics["accuracy"]
+    assert metrics["confusion_matrix"] == reference.metrics["confusion_matrix"]
+    assert metrics["loss"] == pytest.approx(reference.metrics["loss"], abs=1e-6)
+    history = (run_dir / "history.csv").read_text().splitlines()
+    assert len(history) == 1 + 1 + 3  # header, head stage, three epochs
