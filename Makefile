@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 SHARED ?= ../shared
 DEMO_RUN := runs/demo-resnet50
 
-.PHONY: setup demo test lint clean
+.PHONY: setup browser demo test lint clean
 
 setup: $(VENV)/.installed
 
@@ -18,6 +18,14 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --no-deps torchvision==0.28.0
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
+
+# The page test drives Debian's chromium through chromedriver; CI runs as root with apt available.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+		$(SUDO) apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends chromium chromium-driver fonts-dejavu-core; \
+	fi
 
 demo: setup
 	rm -rf $(DEMO_RUN)
@@ -31,7 +39,7 @@ lint: setup
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 
-test: setup lint
+test: setup browser lint
 	RESFIT_SHARED=$(abspath $(SHARED)) $(BIN)/python -m pytest -q -ra
 
 clean:

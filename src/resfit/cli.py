@@ -107,13 +107,76 @@ def _run_train(args) -> int:
     return 0
 
 
+def _add_backend_flags(p) -> None:
+    from .backends import BACKENDS, PERFORMANCE_HINTS
+
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=BACKENDS,
+        help="inference engine on CPU (default: the fastest for this CPU, printed)",
+    )
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        help="auto: bf16 where the CPU has it natively; fp32 for exact fp32 results",
+    )
+    p.add_argument(
+        "--performance-hint",
+        default="LATENCY",
+        choices=PERFORMANCE_HINTS,
+        help="OpenVINO: LATENCY (one request on all cores, measured faster on 2 cores) or THROUGHPUT",
+    )
+
+
+def _load_classifier(args):
+    """The Classifier the flags ask for; which backend it runs on (and why) goes to stderr."""
+    from .predict import Classifier, InferenceConfig
+
+    config = InferenceConfig(args.device, args.precision, args.backend, args.performance_hint)
+    classifier = Classifier.load(args.run_dir, config=config)
+    print(f"resfit: {classifier.describe()}", file=sys.stderr, flush=True)
+    return classifier
+
+
+def _run_export(args) -> int:
+    from .export import ExportConfig, export_run
+    from .predict import expand_inputs
+
+    config = ExportConfig(
+        run_dir=args.run_dir,
+        format=args.format,
+        out=args.out,
+        check_images=expand_inputs(args.check_images) if args.check_images else [],
+        num_check_images=args.num_check_images,
+    )
+    result = export_run(config)
+    print(f"wrote {result.path} in {result.seconds:.1f} s (top-1 agrees with PyTorch on every check image)")
+    return 0
+
+
+def _run_serve(args) -> int:
+    from .serve import MB, ServeConfig, run_server
+
+    if not 1 <= args.port <= 65535:
+        raise ResfitError(f"--port must be between 1 and 65535, got {args.port}")
+    classifier = _load_classifier(args)
+    config = ServeConfig(
+        max_upload_bytes=int(args.max_upload_mb * MB), max_pixels=args.max_pixels, top_k=args.top_k
+    )
+    print(f"resfit: serving on http://{args.host}:{args.port}/ (API docs at /docs)", file=sys.stderr)
+    run_server(classifier, args.host, args.port, config)
+    return 0
+
+
 def _run_evaluate(args) -> int:
     from .data.scan import load_dataset
     from .evaluate import evaluate_split, write_evaluation
-    from .predict import Classifier
     from .reports import format_metrics_table
 
-    classifier = Classifier.load(args.run_dir, device=args.device, precision=args.precision)
+    classifier = _load_classifier(args)
     training = classifier.meta.get("training_config", {})
     # The run's own split settings, so a flat folder is split the same way as in training.
     source, report = load_dataset(
@@ -125,9 +188,8 @@ def _run_evaluate(args) -> int:
         raise ResfitError(
             f"the classes of {args.data} {source.class_names} differ from the model's {classifier.class_names}"
         )
-    metrics, probs = evaluate_split(
-        classifier.model, source, args.split, classifier.preprocessing, classifier.runtime
-    )
+    model, runtime = classifier.logits_module()
+    metrics, probs = evaluate_split(model, source, args.split, classifier.preprocessing, runtime)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         write_evaluation(Path(args.out), metrics, probs, source)
@@ -140,12 +202,12 @@ def _run_evaluate(args) -> int:
 
 
 def _run_predict(args) -> int:
-    from .predict import Classifier, expand_inputs
+    from .predict import expand_inputs
 
     paths = expand_inputs(args.paths)
     if not paths:
         raise ResfitError("no files to predict")
-    classifier = Classifier.load(args.run_dir, device=args.device, precision=args.precision)
+    classifier = _load_classifier(args)
     failed = 0
     for prediction in classifier.predict_paths(paths, top_k=args.top_k):
         failed += prediction.error is not None
@@ -194,16 +256,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="val", choices=("train", "val", "test"))
     p.add_argument("--json", action="store_true", help="print metrics as JSON")
     p.add_argument("--out", help="also write metrics.json, confusion_matrix.png and misclassified.* here")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    _add_backend_flags(p)
 
     p = sub.add_parser("predict", help="classify image files or folders")
     p.add_argument("run_dir")
     p.add_argument("paths", nargs="+", metavar="PATH")
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    _add_backend_flags(p)
+
+    p = sub.add_parser(
+        "export",
+        help="export a run to ONNX, OpenVINO IR or TorchScript, checked against PyTorch on real images",
+    )
+    p.add_argument("run_dir")
+    p.add_argument("--format", default="onnx", choices=("onnx", "openvino", "torchscript"))
+    p.add_argument("--out", help="output file (default RUN_DIR/export/model.onnx|model.xml|model.pt)")
+    p.add_argument(
+        "--check-images",
+        nargs="+",
+        metavar="PATH",
+        help="images or folders to check parity on (default: images from the run's validation data)",
+    )
+    p.add_argument("--num-check-images", type=int, default=8, help="how many validation images by default")
+
+    p = sub.add_parser("serve", help="HTTP service with an upload page: POST /predict, GET /model, /docs")
+    p.add_argument("run_dir")
+    p.add_argument("--host", default="127.0.0.1", help="127.0.0.1 (default) serves this machine only")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--top-k", type=int, default=5, help="classes returned when the request does not say")
+    p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest request body accepted")
+    p.add_argument(
+        "--max-pixels", type=int, default=40_000_000, help="largest image accepted (decompression-bomb guard)"
+    )
+    _add_backend_flags(p)
 
     p = sub.add_parser("scan", help="check a dataset: classes, splits, unreadable and converted files")
     p.add_argument("data")
@@ -213,7 +299,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"train": _run_train, "evaluate": _run_evaluate, "predict": _run_predict, "scan": _run_scan}
+COMMANDS = {
+    "train": _run_train,
+    "evaluate": _run_evaluate,
+    "predict": _run_predict,
+    "scan": _run_scan,
+    "export": _run_export,
+    "serve": _run_serve,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

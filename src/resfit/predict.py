@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from .backends import BackendChoice, OnnxRuntimeBackend, OpenVinoBackend, TorchBackend, choose_backend
 from .data.images import open_rgb
+from .data.scan import default_cache_dir
 from .data.transforms import Preprocessing
 from .errors import ImageReadError, ResfitError
-from .evaluate import softmax, to_device
+from .evaluate import softmax
+from .export import cached_export
 from .hardware import Runtime, apply_threads, resolve_runtime
 from .runfolder import load_model
 
@@ -37,40 +40,108 @@ class Prediction:
         }
 
 
-class Classifier:
-    """A trained model with its class names and preprocessing: give it images, get probabilities."""
+@dataclass(frozen=True)
+class InferenceConfig:
+    """How a run folder is turned into a Classifier: where it runs, how fast, and at what precision."""
 
-    def __init__(self, model: torch.nn.Module, meta: dict, runtime: Runtime):
+    device: str = "auto"
+    precision: str = "auto"  # auto: bf16 where the CPU has it natively and the backend runs it
+    backend: str = "auto"  # auto | torch | onnxruntime | openvino
+    performance_hint: str = "LATENCY"  # OpenVINO: LATENCY (one request, all cores) or THROUGHPUT
+    cache_dir: str | None = None  # on-the-fly exports; default $RESFIT_CACHE or ~/.cache/resfit
+
+
+class Classifier:
+    """A trained model with its class names and preprocessing: give it images, get probabilities.
+
+    The model runs on the backend in ``choice`` (eager PyTorch, ONNX Runtime or OpenVINO); the
+    preprocessing is the run's own whichever backend runs, so only the speed differs.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        meta: dict,
+        runtime: Runtime,
+        backend=None,
+        choice: BackendChoice | None = None,
+        run_dir: str | os.PathLike | None = None,
+    ):
         self.meta = meta
         self.runtime = runtime
+        self.run_dir = Path(run_dir) if run_dir is not None else None
         self.class_names: list[str] = list(meta["class_names"])
         self.preprocessing = Preprocessing.from_dict(meta["preprocessing"])
         self.transform = self.preprocessing.eval_transform()
         self.model = model.to(runtime.device, memory_format=torch.channels_last).eval()
+        self.backend = backend or TorchBackend(self.model, runtime.precision, runtime.device)
+        self.choice = choice or BackendChoice("torch", runtime.precision, runtime.reason)
 
     @classmethod
-    def load(cls, run_dir: str | os.PathLike, device: str = "auto", precision: str = "auto") -> Classifier:
-        runtime = resolve_runtime(device, precision)
+    def load(
+        cls,
+        run_dir: str | os.PathLike,
+        device: str = "auto",
+        precision: str = "auto",
+        backend: str = "auto",
+        config: InferenceConfig | None = None,
+    ) -> Classifier:
+        config = config or InferenceConfig(device, precision, backend)
+        runtime = resolve_runtime(config.device, config.precision)
+        choice = choose_backend(
+            runtime.cpu, config.backend, config.precision, runtime.device, config.performance_hint
+        )
+        runtime = replace(runtime, precision=choice.precision) if runtime.device == "cpu" else runtime
         apply_threads(runtime)
         model, meta = load_model(Path(run_dir))
-        return cls(model, meta, runtime)
+        cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
+        if choice.name == "onnxruntime":
+            engine = OnnxRuntimeBackend(cached_export(run_dir, "onnx", cache_dir), runtime.threads)
+        elif choice.name == "openvino":
+            engine = OpenVinoBackend(
+                cached_export(run_dir, "openvino", cache_dir),
+                runtime.threads,
+                choice.precision,
+                choice.performance_hint,
+            )
+        else:
+            engine = None
+        return cls(model, meta, runtime, engine, choice, run_dir)
+
+    def describe(self) -> str:
+        """One line: the backend, its precision and why, and the machine it runs on."""
+        return f"{self.choice.describe()} [{self.runtime.cpu.describe()}; {self.runtime.threads} threads]"
+
+    def logits_module(self) -> tuple[torch.nn.Module, Runtime]:
+        """The chosen backend as a module plus the runtime to call it with, for evaluate_split's loop."""
+        if isinstance(self.backend, TorchBackend) and self.backend.model is self.model:
+            return self.model, self.runtime
+        return _BackendModule(self.backend), replace(self.runtime, precision="fp32")
 
     def _as_image(self, image) -> Image.Image:
         if isinstance(image, Image.Image):
             return image.convert("RGB") if image.mode != "RGB" else image
         return open_rgb(image)[0]
 
-    @torch.inference_mode()
+    def preprocess(self, images: Iterable) -> np.ndarray:
+        """The run's preprocessing applied to PIL images, paths or bytes: a float32 (N, 3, H, W) batch."""
+        return torch.stack([self.transform(self._as_image(image)) for image in images]).numpy()
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        """Float32 logits (N, C) of a preprocessed batch, from the chosen backend."""
+        return self.backend(batch)
+
     def predict_proba(self, images: Iterable) -> np.ndarray:
         """Class probabilities, (N, C), for PIL images, paths or encoded bytes."""
-        batch = torch.stack([self.transform(self._as_image(image)) for image in images])
-        with self.runtime.autocast():
-            logits = self.model(to_device(batch, self.runtime))
-        return softmax(logits.float().cpu().numpy())
+        return softmax(self.logits(self.preprocess(images)))
 
     def predict(self, image, top_k: int = 5) -> list[tuple[str, float]]:
         """Top-k (class name, probability) for one image (PIL image, path or bytes)."""
         return self._top_k(self.predict_proba([image])[0], top_k)
+
+    def top_k(self, probs: np.ndarray, top_k: int = 5) -> list[tuple[str, float]]:
+        """(class name, probability) pairs, most likely first, for one row of probabilities."""
+        return self._top_k(probs, top_k)
 
     def _top_k(self, probs: np.ndarray, top_k: int) -> list[tuple[str, float]]:
         order = np.argsort(-probs, kind="stable")[: max(1, min(top_k, len(self.class_names)))]
@@ -123,6 +194,19 @@ def expand_inputs(inputs: Iterable[str]) -> list[str]:
     return paths
 
 
-def load(run_dir: str | os.PathLike, device: str = "auto", precision: str = "auto") -> Classifier:
-    """``resfit.load(RUN_DIR).predict(image)``."""
-    return Classifier.load(run_dir, device, precision)
+class _BackendModule(torch.nn.Module):
+    """A non-torch backend behind the nn.Module call that evaluate_split's batch loop expects."""
+
+    def __init__(self, backend):
+        super().__init__()
+        self.backend = backend
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.backend(images.float().cpu().contiguous().numpy()))
+
+
+def load(
+    run_dir: str | os.PathLike, device: str = "auto", precision: str = "auto", backend: str = "auto"
+) -> Classifier:
+    """``resfit.load(RUN_DIR).predict(image)``, on the fastest backend this CPU has (see ``describe()``)."""
+    return Classifier.load(run_dir, device, precision, backend)
