@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -305,6 +307,10 @@ async def _read_uploads(request: Request, config: ServeConfig) -> tuple[bool, li
     try:
         form = await request.form(max_files=config.max_files, max_fields=config.max_files + 8)
     except Exception as error:  # python-multipart's and Starlette's parse errors, whatever their type
+        if "Too many files" in str(error):
+            raise UploadRejected(
+                413, "too_many_files", f"at most {config.max_files} images per request"
+            ) from None
         raise UploadRejected(
             400, "bad_multipart", f"the multipart body cannot be parsed ({error}): {hint}"
         ) from None
@@ -405,3 +411,38 @@ def run_server(
     import uvicorn
 
     uvicorn.run(create_app(classifier, config), host=host, port=port, log_level="info", access_log=False)
+
+
+class BackgroundServer:
+    """The service on a loopback port in a background thread: for tests, notebooks and the load benchmark.
+
+    ``with BackgroundServer(app) as url: ...`` starts uvicorn on a free port and stops it on exit.
+    """
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0):
+        import uvicorn
+
+        self.host, self.port = host, port
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
+        )
+        self.thread: threading.Thread | None = None
+
+    def __enter__(self) -> str:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.host, self.port))
+        self.port = sock.getsockname()[1]
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the test server on {self.host}:{self.port} did not start")
+            time.sleep(0.02)
+        return f"http://{self.host}:{self.port}"
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        if self.thread is not None:
+            self.thread.join(timeout=30)

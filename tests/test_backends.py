@@ -1,0 +1,134 @@
+"""Inference backends: the auto rule follows the CPU's capabilities, every backend gives PyTorch's answers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_export import train_tiny_run
+
+from resfit.backends import OpenVinoBackend, choose_backend
+from resfit.errors import ConfigError
+from resfit.hardware import CpuInfo
+from resfit.predict import Classifier, InferenceConfig
+
+ZEN5 = CpuInfo("2-core Zen 5", 2, 2, avx2=True, avx512=True, native_bf16=True)
+EPYC_AVX2 = CpuInfo("2-core AVX2 EPYC", 2, 2, avx2=True, avx512=False, native_bf16=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_imagefolder, tmp_path_factory) -> Path:
+    return train_tiny_run(tiny_imagefolder, tmp_path_factory.getbasetemp() / "deploy-tiny-run")
+
+
+def test_auto_picks_openvino_bf16_with_native_bf16_and_fp32_without():
+    native = choose_backend(ZEN5)
+    assert (native.name, native.precision) == ("openvino", "bf16")
+    assert "native bf16" in native.describe() and "--precision fp32" in native.describe()
+    emulated = choose_backend(EPYC_AVX2)
+    assert (emulated.name, emulated.precision) == ("openvino", "fp32")
+    assert "emulated" in emulated.describe()
+    assert choose_backend(ZEN5, precision="fp32").precision == "fp32"
+    assert choose_backend(ZEN5, backend="onnxruntime").precision == "fp32"  # ORT has no CPU bf16 path
+    assert choose_backend(ZEN5, backend="torch").precision == "bf16"
+
+
+def test_auto_falls_back_when_packages_are_missing(monkeypatch):
+    import resfit.backends as backends
+
+    monkeypatch.setattr(backends, "is_available", lambda name: name in ("torch", "onnxruntime"))
+    assert choose_backend(ZEN5).name == "onnxruntime"
+    monkeypatch.setattr(backends, "is_available", lambda name: name == "torch")
+    choice = choose_backend(ZEN5)
+    assert (choice.name, choice.precision) == ("torch", "bf16")
+    with pytest.raises(ConfigError, match="pip install openvino"):
+        choose_backend(ZEN5, backend="openvino")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({"backend": "tensorrt"}, "unknown backend 'tensorrt'"),
+        ({"backend": "onnxruntime", "precision": "bf16"}, "use --precision fp32"),
+        ({"precision": "fp16"}, "fp16 is for CUDA"),
+        ({"backend": "openvino", "device": "cuda"}, "CPU only"),
+        ({"performance_hint": "FAST"}, "LATENCY or THROUGHPUT"),
+    ],
+)
+def test_bad_choices_are_refused_clearly(kwargs, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        choose_backend(ZEN5, **kwargs)
+
+
+def test_every_backend_matches_fp32_torch_on_the_tiny_run(tiny_run, tiny_imagefolder, tmp_path):
+    images = sorted((tiny_imagefolder / "val").rglob("*.png"))
+    reference = Classifier.load(tiny_run, backend="torch", precision="fp32")
+    batch = reference.preprocess(images)
+    expected = reference.logits(batch)
+    for backend, precision in [
+        ("onnxruntime", "fp32"),
+        ("openvino", "fp32"),
+        ("openvino", "bf16"),
+        ("torch", "bf16"),
+    ]:
+        config = InferenceConfig(backend=backend, precision=precision, cache_dir=str(tmp_path))
+        classifier = Classifier.load(tiny_run, config=config)
+        assert (classifier.choice.name, classifier.choice.precision) == (backend, precision)
+        logits = classifier.logits(batch)
+        assert logits.shape == expected.shape and logits.dtype == np.float32
+        tolerance = 1e-4 if precision == "fp32" else 0.1 * (1 + np.abs(expected).max())
+        assert np.abs(logits - expected).max() < tolerance, (backend, precision)
+        # The same preprocessing whichever backend: predictions on files come out in class-name form.
+        assert classifier.predict(images[0], top_k=1)[0][0] == reference.predict(images[0], top_k=1)[0][0]
+
+
+def test_openvino_throughput_hint_splits_the_batch_and_keeps_order(tiny_run, tiny_imagefolder, tmp_path):
+    classifier = Classifier.load(
+        tiny_run, config=InferenceConfig(backend="openvino", precision="fp32", cache_dir=str(tmp_path))
+    )
+    xml = next(tmp_path.glob("exports/*/model.xml"))
+    throughput = OpenVinoBackend(xml, threads=2, precision="fp32", performance_hint="THROUGHPUT")
+    batch = classifier.preprocess(sorted((tiny_imagefolder / "val").rglob("*.png")))
+    np.testing.assert_allclose(throughput(batch), classifier.logits(batch), atol=1e-4)
+
+
+def test_cli_predict_and_evaluate_say_which_backend(tiny_run, tiny_imagefolder, tmp_path):
+    env_cache = {"RESFIT_CACHE": str(tmp_path)}
+    image = sorted((tiny_imagefolder / "val" / "red").glob("*.png"))[0]
+
+    env = os.environ | env_cache
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "resfit",
+            "predict",
+            str(tiny_run),
+            str(image),
+            "--json",
+            "--backend",
+            "onnxruntime",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "backend onnxruntime (fp32)" in result.stderr
+    assert json.loads(result.stdout)["top_k"][0]["class"] in ("red", "blue")
+    result = subprocess.run(
+        [sys.executable, "-m", "resfit", "evaluate", str(tiny_run), str(tiny_imagefolder), "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "resfit: backend " in result.stderr
+    assert json.loads(result.stdout)["num_images"] == 12
