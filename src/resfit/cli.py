@@ -131,13 +131,17 @@ def _add_backend_flags(p) -> None:
     )
 
 
+def _say_stderr(message: str) -> None:
+    print(f"resfit: {message}", file=sys.stderr, flush=True)
+
+
 def _load_classifier(args):
     """The Classifier the flags ask for; which backend it runs on (and why) goes to stderr."""
     from .predict import Classifier, InferenceConfig
 
     config = InferenceConfig(args.device, args.precision, args.backend, args.performance_hint)
-    classifier = Classifier.load(args.run_dir, config=config)
-    print(f"resfit: {classifier.describe()}", file=sys.stderr, flush=True)
+    classifier = Classifier.load(args.run_dir, config=config, say=_say_stderr)
+    _say_stderr(classifier.describe())
     return classifier
 
 
@@ -162,10 +166,10 @@ def _run_serve(args) -> int:
 
     if not 1 <= args.port <= 65535:
         raise ResfitError(f"--port must be between 1 and 65535, got {args.port}")
-    classifier = _load_classifier(args)
     config = ServeConfig(
         max_upload_bytes=int(args.max_upload_mb * MB), max_pixels=args.max_pixels, top_k=args.top_k
     )
+    classifier = _load_classifier(args)
     print(f"resfit: serving on http://{args.host}:{args.port}/ (API docs at /docs)", file=sys.stderr)
     run_server(classifier, args.host, args.port, config)
     return 0

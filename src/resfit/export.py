@@ -303,7 +303,9 @@ def model_digest(run_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def cached_export(run_dir: str | os.PathLike, fmt: str, cache_dir: Path) -> Path:
+def cached_export(
+    run_dir: str | os.PathLike, fmt: str, cache_dir: Path, say: Callable[[str], None] | None = None
+) -> Path:
     """The run exported to ``fmt`` under ``cache_dir/exports``, exporting once per distinct model file."""
     run_dir = Path(run_dir)
     model, meta = load_model(run_dir)
@@ -313,6 +315,8 @@ def cached_export(run_dir: str | os.PathLike, fmt: str, cache_dir: Path) -> Path
     path = Path(cache_dir) / "exports" / f"{meta['architecture']}-{key}" / FILE_NAMES[fmt]
     if path.is_file():
         return path
+    if say is not None:
+        say(f"exporting the model to {fmt} once (cached in {path.parent})")
     write_export(model, meta, fmt, path, digest)
     _check_against_torch(model, meta, fmt, path)
     return path

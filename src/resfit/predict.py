@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -85,21 +85,25 @@ class Classifier:
         precision: str = "auto",
         backend: str = "auto",
         config: InferenceConfig | None = None,
+        say: Callable[[str], None] | None = None,
     ) -> Classifier:
+        """The run on the backend ``config`` asks for; a first use of ONNX/OpenVINO exports once to the cache."""
         config = config or InferenceConfig(device, precision, backend)
         runtime = resolve_runtime(config.device, config.precision)
+        # On CUDA the runtime has already resolved the precision (AMP); on CPU the backend decides it.
+        precision = config.precision if runtime.device == "cpu" else runtime.precision
         choice = choose_backend(
-            runtime.cpu, config.backend, config.precision, runtime.device, config.performance_hint
+            runtime.cpu, config.backend, precision, runtime.device, config.performance_hint
         )
         runtime = replace(runtime, precision=choice.precision) if runtime.device == "cpu" else runtime
         apply_threads(runtime)
         model, meta = load_model(Path(run_dir))
         cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
         if choice.name == "onnxruntime":
-            engine = OnnxRuntimeBackend(cached_export(run_dir, "onnx", cache_dir), runtime.threads)
+            engine = OnnxRuntimeBackend(cached_export(run_dir, "onnx", cache_dir, say), runtime.threads)
         elif choice.name == "openvino":
             engine = OpenVinoBackend(
-                cached_export(run_dir, "openvino", cache_dir),
+                cached_export(run_dir, "openvino", cache_dir, say),
                 runtime.threads,
                 choice.precision,
                 choice.performance_hint,

@@ -29,7 +29,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .data.images import open_rgb
-from .errors import ImageReadError
+from .errors import ConfigError, ImageReadError
 from .evaluate import softmax
 from .predict import Classifier
 
@@ -59,6 +59,11 @@ class ServeConfig:
     top_k: int = 5
     max_batch: int = 16  # images the inference thread runs in one call
     decode_threads: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("max_upload_bytes", "max_pixels", "max_files", "top_k", "max_batch", "decode_threads"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"serve: {name} must be at least 1, got {getattr(self, name)}")
 
 
 class UploadRejected(Exception):

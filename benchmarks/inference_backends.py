@@ -1,0 +1,203 @@
+"""CPU inference side by side, in one run: eager fp32 PyTorch against every backend and precision, and `auto`.
+
+    python benchmarks/inference_backends.py [--archs resnet50,resnet101] [--batch 16] [--repeats 5]
+
+The models are the Imagenette sources in ../shared/weights (10 classes) written as resfit run folders
+at 224 px, so every backend goes through the same path as `resfit predict` (Classifier.load, on-the-fly
+export to the cache). Throughput is images/s at the given batch on real photos (hymenoptera val),
+the median of --repeats rounds; the configurations take turns within each round, so a noisy moment
+hits all of them alike. Top-1 agreement and max |logit difference| are against eager fp32 PyTorch on
+every hymenoptera photo (train + val, ~400), a stricter test with a 10-class head than with 2 classes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+sys.path.insert(0, str(REPO / "src"))
+
+from resfit.backends import OnnxRuntimeBackend, OpenVinoBackend, TorchBackend  # noqa: E402
+from resfit.data.transforms import Preprocessing  # noqa: E402
+from resfit.export import cached_export  # noqa: E402
+from resfit.hardware import detect_cpu  # noqa: E402
+from resfit.models import build_model  # noqa: E402
+from resfit.predict import Classifier, InferenceConfig  # noqa: E402
+from resfit.runfolder import build_model_meta, write_model  # noqa: E402
+
+
+@dataclass
+class Config:
+    label: str
+    make: object  # () -> callable(batch) -> logits
+
+
+def make_run(arch: str, root: Path) -> Path:
+    """A run folder holding the Imagenette source as-is (10-class head), preprocessed at 224 px."""
+    card = json.loads((SHARED / "weights" / f"{arch}-imagenette.json").read_text())
+    state = torch.load(SHARED / "weights" / f"{arch}-imagenette.pth", map_location="cpu", weights_only=True)
+    class_names = card["trained_on"]["class_names"]
+    model = build_model(arch, len(class_names))
+    model.load_state_dict({k: v.float() for k, v in state.items()})
+    norm = card["recipe"]["normalisation"]
+    preprocessing = Preprocessing(224, 256, tuple(norm["mean"]), tuple(norm["std"]))
+    run = root / arch
+    run.mkdir(parents=True, exist_ok=True)
+    write_model(run, model, build_model_meta(arch, class_names, preprocessing, 0.0, data={"path": ""}))
+    return run
+
+
+def eager_fp32(model: torch.nn.Module):
+    """What a user writes: model.eval(), inference_mode, contiguous fp32 tensors."""
+    model = model.to(memory_format=torch.contiguous_format).eval()
+
+    @torch.inference_mode()
+    def run(batch: np.ndarray) -> np.ndarray:
+        return model(torch.from_numpy(batch)).numpy()
+
+    return run
+
+
+def configurations(run: Path, cache: Path, threads: int) -> list[Config]:
+    def torch_model():
+        return Classifier.load(run, backend="torch", precision="fp32").model
+
+    onnx = cached_export(run, "onnx", cache)
+    ir = cached_export(run, "openvino", cache)
+    configs = [
+        Config("torch eager fp32 (baseline)", lambda: eager_fp32(torch_model())),
+        Config("torch channels_last fp32", lambda: TorchBackend(torch_model(), "fp32")),
+        Config("torch channels_last bf16 autocast", lambda: TorchBackend(torch_model(), "bf16")),
+        Config("onnxruntime fp32", lambda: OnnxRuntimeBackend(onnx, threads)),
+    ]
+    for precision in ("fp32", "bf16"):
+        for hint in ("LATENCY", "THROUGHPUT"):
+            configs.append(
+                Config(
+                    f"openvino {precision} {hint}",
+                    lambda p=precision, h=hint: OpenVinoBackend(ir, threads, p, h),
+                )
+            )
+    return configs
+
+
+def images_per_second(run_batch, batch: np.ndarray, calls: int) -> float:
+    started = time.perf_counter()
+    for _ in range(calls):
+        run_batch(batch)
+    return calls * len(batch) / (time.perf_counter() - started)
+
+
+def load_photos(classifier: Classifier) -> tuple[list[str], np.ndarray]:
+    root = SHARED / "data" / "hymenoptera"
+    paths = sorted(str(p) for p in root.rglob("*.jpg"))
+    return paths, classifier.preprocess(paths)
+
+
+def bench_arch(arch: str, args, work: Path) -> dict:
+    cpu = detect_cpu()
+    threads = cpu.physical_cores
+    torch.set_num_threads(threads)
+    run = make_run(arch, work / "runs")
+    cache = work / "cache"
+    auto = Classifier.load(run, config=InferenceConfig(cache_dir=str(cache)))
+    print(f"\n== {arch} @224, batch {args.batch} ==  auto: {auto.choice.describe()}", flush=True)
+    paths, photos = load_photos(auto)
+    batch = photos[: args.batch]
+    configs = configurations(run, cache, threads)
+    configs.append(Config(f"auto -> {auto.choice.name} {auto.choice.precision}", lambda: auto.logits))
+    runners = {c.label: c.make() for c in configs}
+    for runner in runners.values():  # warm-up: first calls compile kernels / allocate
+        runner(batch)
+        runner(batch)
+    rates: dict[str, list[float]] = {label: [] for label in runners}
+    for _ in range(args.repeats):
+        for label, runner in runners.items():
+            rates[label].append(images_per_second(runner, batch, args.calls))
+    reference = np.concatenate(
+        [runners[configs[0].label](photos[i : i + 32]) for i in range(0, len(photos), 32)]
+    )
+    rows = []
+    base = statistics.median(rates[configs[0].label])
+    for label, runner in runners.items():
+        logits = np.concatenate([runner(photos[i : i + 32]) for i in range(0, len(photos), 32)])
+        rate = statistics.median(rates[label])
+        rows.append(
+            {
+                "config": label,
+                "images_per_s": rate,
+                "min": min(rates[label]),
+                "max": max(rates[label]),
+                "speedup": rate / base,
+                "top1_agreement": float((logits.argmax(1) == reference.argmax(1)).mean()),
+                "max_abs_logit_diff": float(np.abs(logits - reference).max()),
+            }
+        )
+    print_table(rows, len(paths))
+    auto_row = rows[-1]
+    print(
+        f"{arch}: default backend ({auto.choice.name} {auto.choice.precision}) / eager fp32 = "
+        f"{auto_row['speedup']:.2f}x ({auto_row['images_per_s']:.1f} vs {base:.1f} images/s), "
+        f"top-1 agreement {auto_row['top1_agreement']:.2%} on {len(paths)} photos",
+        flush=True,
+    )
+    return {"arch": arch, "auto": auto.choice.describe(), "rows": rows, "photos": len(paths)}
+
+
+def print_table(rows: list[dict], photos: int) -> None:
+    print(
+        f"{'configuration':<40} {'images/s':>9} {'(min-max)':>13} {'x eager':>8} {'top-1 agree':>12} {'max|dlogit|':>11}"
+    )
+    for row in rows:
+        spread = f"{row['min']:.1f}-{row['max']:.1f}"
+        print(
+            f"{row['config']:<40} {row['images_per_s']:>9.1f} {spread:>13} {row['speedup']:>7.2f}x "
+            f"{row['top1_agreement']:>11.2%} {row['max_abs_logit_diff']:>11.2e}"
+        )
+    print(f"(top-1 agreement and logit difference vs eager fp32 on {photos} hymenoptera photos)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--archs", default="resnet50,resnet101")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=5, help="rounds; the median is reported")
+    parser.add_argument("--calls", type=int, default=2, help="batches timed per configuration per round")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    import onnxruntime
+    import openvino
+
+    cpu = detect_cpu()
+    print(f"CPU: {cpu.describe()}")
+    print(
+        f"torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}), onnxruntime "
+        f"{onnxruntime.__version__}, openvino {openvino.__version__}; {cpu.physical_cores} threads; "
+        f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}"
+    )
+    results = []
+    with tempfile.TemporaryDirectory(prefix="resfit-bench-") as work:
+        for arch in args.archs.split(","):
+            results.append(bench_arch(arch.strip(), args, Path(work)))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"cpu": cpu.describe(), "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
