@@ -24,6 +24,22 @@ class ImageDataset(torch.utils.data.Dataset):
         self.items = source.splits[split].items
         self.labels = source.splits[split].labels
         self.transform = transform
+        self.augment_seed: int | None = None
+
+    def set_epoch(self, seed: int, epoch: int) -> None:
+        """Tie each image's random augmentation to (seed, epoch, index), not to a process's RNG stream.
+
+        Then the same image gets the same crop whichever worker or DDP process loads it, and a resumed
+        epoch replays exactly.
+        """
+        self.augment_seed = (seed * 1_000_003 + epoch * 100_003) % (1 << 62)
+
+    def _transform(self, image, index: int) -> torch.Tensor:
+        if self.augment_seed is None:
+            return self.transform(image)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.augment_seed + index)
+            return self.transform(image)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -36,7 +52,7 @@ class ImageDataset(torch.utils.data.Dataset):
             except (ImageReadError, OSError) as error:
                 log.warning("skipping %s during %s: %s", self.items[i], self.split, error)
                 continue
-            return self.transform(image), self.labels[i]
+            return self._transform(image, i), self.labels[i]
         raise ImageReadError(
             self.items[index], f"this and the next {_MAX_SUBSTITUTES - 1} files are unreadable"
         )

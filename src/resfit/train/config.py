@@ -38,7 +38,11 @@ class TrainConfig:
     augment: str = "standard"
     min_crop_scale: float = 0.35
     bn: str = "frozen"
+    sync_bn: bool = False  # under DDP with --bn train: BatchNorm statistics over the global batch
     head_stage: bool = True
+    feature_cache: bool = (
+        True  # reuse the head stage's pooled features across runs (see data/feature_cache.py)
+    )
     patience: int = 3
     seed: int = 0
     val_fraction: float = 0.2

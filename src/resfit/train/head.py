@@ -47,10 +47,13 @@ def extract_features(
     runtime: Runtime,
     num_workers: int,
     progress: bool,
+    indices: list[int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Pooled backbone features of a split (eval transform, BatchNorm in eval mode), float32."""
+    """Pooled backbone features of a split (or of its ``indices``), eval transform, BatchNorm in eval mode."""
     model.eval()
     dataset = ImageDataset(source, split, preprocessing.eval_transform())
+    if indices is not None:
+        dataset = torch.utils.data.Subset(dataset, indices)
     loader = make_loader(dataset, EVAL_BATCH_SIZE, num_workers)
     features, labels = [], []
     for images, batch_labels in tqdm(

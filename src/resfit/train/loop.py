@@ -13,7 +13,7 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -23,8 +23,19 @@ from torch import nn
 from tqdm import tqdm
 
 from ..data.dataset import ImageDataset
+from ..data.feature_cache import FeatureCache, content_fingerprint, feature_key, weights_fingerprint
 from ..data.scan import load_dataset
 from ..data.transforms import Preprocessing
+from ..distributed import (
+    DistContext,
+    GlobalBatchSampler,
+    barrier,
+    broadcast_module,
+    gather_rows,
+    init_distributed,
+    shutdown,
+    sum_across,
+)
 from ..errors import RunFolderError
 from ..evaluate import (
     EVAL_BATCH_SIZE,
@@ -137,17 +148,33 @@ class Trainer:
         self.resuming = resuming
         self.say = say
         self.started = time.perf_counter()
+        self.dist = DistContext()
+        self._weights_fingerprint: str | None = None
 
     # -- set-up -------------------------------------------------------------------------------
     def prepare(self) -> None:
         config = self.config
         self._seed()  # before anything random: the split, the head's initialisation, the first batches
         self.runtime = resolve_runtime(config.device, config.precision)
+        self.dist = init_distributed(self.runtime.device)
+        if self.dist.enabled:
+            # Processes on one machine share its cores; only rank 0 talks and writes.
+            cpu_threads = max(1, self.runtime.threads // self.dist.local_world_size)
+            self.runtime = replace(self.runtime, threads=cpu_threads)
+            if not self.dist.is_main:
+                self.say = lambda _message: None
         apply_threads(self.runtime)
         self.say(f"device: {self.runtime.describe()}")
+        if self.dist.enabled:
+            self.say(f"distributed: {self.dist.world_size} processes ({self.dist.backend})")
+        # Rank 0 scans first and fills the scan cache; the others then read it.
+        if not self.dist.is_main:
+            barrier(self.dist)
         self.source, self.report = load_dataset(
             config.data, val_fraction=config.val_fraction, seed=config.seed, progress=not config.quiet
         )
+        if self.dist.is_main:
+            barrier(self.dist)
         self.say(self.report.summary_line())
         for note in self.source.notes:
             self.say(f"note: {note}")
@@ -167,12 +194,16 @@ class Trainer:
             self.preprocessing = Preprocessing(
                 config.img_size, self.pretrained.resize_size, self.pretrained.mean, self.pretrained.std
             )
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.run_dir / TRAIN_CONFIG, config.to_dict())
-        atomic_write_json(self.run_dir / "data_report.json", self.report.to_dict())
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.run_dir / TRAIN_CONFIG, config.to_dict())
+            atomic_write_json(self.run_dir / "data_report.json", self.report.to_dict())
         self.model = build_model(config.model, len(self.source.class_names), config.dropout)
         apply_pretrained(self.model, self.pretrained)
+        if config.sync_bn and self.dist.enabled:
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.model.to(self.runtime.device, memory_format=torch.channels_last)
+        broadcast_module(self.dist, self.model)  # one starting point everywhere, even from scratch
         self.meta = build_model_meta(
             config.model,
             self.source.class_names,
@@ -200,18 +231,15 @@ class Trainer:
     def fit_head(self) -> dict:
         config, progress = self.config, not self.config.quiet
         t0 = time.perf_counter()
-        train_x, train_y = extract_features(
-            self.model, self.source, "train", self.preprocessing, self.runtime, config.num_workers, progress
-        )
-        val_x, val_y = extract_features(
-            self.model, self.source, "val", self.preprocessing, self.runtime, config.num_workers, progress
-        )
+        train_x, train_y = self._features("train", progress)
+        val_x, val_y = self._features("val", progress)
         extract_seconds = time.perf_counter() - t0
         head = self.model.fc
         head.to("cpu")
         probe = fit_probe_head(head, train_x, train_y, len(self.source.class_names), config.seed)
         train_logits, val_logits = head_logits(head, train_x), head_logits(head, val_x)
         head.to(self.runtime.device)
+        broadcast_module(self.dist, head)  # every process continues from exactly rank 0's head
         return {
             "epoch": 0,
             "stage": "head",
@@ -225,6 +253,44 @@ class Trainer:
             "probe_c": probe.regularisation,
         }
 
+    def _shard(self, split: str) -> np.ndarray:
+        """This process's share of a split for inference: every world_size-th item."""
+        return np.arange(self.dist.rank, len(self.source.splits[split].items), self.dist.world_size)
+
+    def _features(self, split: str, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Pooled features of a split: from the feature cache when the same backbone saw the same images."""
+        key = None
+        if not self.dist.enabled and self.config.feature_cache:
+            if self._weights_fingerprint is None:
+                self._weights_fingerprint = weights_fingerprint(self.model)
+            content = content_fingerprint(self.source, split)
+            key = feature_key(
+                self._weights_fingerprint, self.preprocessing.to_dict(), self.runtime.precision, content
+            )
+            cached = FeatureCache().get(key)
+            if cached is not None:
+                self.say(f"features of {split}: from the cache")
+                return cached
+        features, labels = self._extract_features(split, progress)
+        if key is not None:
+            FeatureCache().put(key, features, labels)
+        return features, labels
+
+    def _extract_features(self, split: str, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+        indices = self._shard(split)
+        features, labels = extract_features(
+            self.model,
+            self.source,
+            split,
+            self.preprocessing,
+            self.runtime,
+            self.config.num_workers,
+            progress,
+            indices=indices.tolist() if self.dist.enabled else None,
+        )
+        combined = gather_rows(self.dist, np.column_stack([features, labels]), indices)
+        return combined[:, :-1].astype(np.float32), combined[:, -1].astype(np.int64)
+
     # -- stage 2 --------------------------------------------------------------------------------
     def make_optimizer(self) -> torch.optim.Optimizer:
         config = self.config
@@ -236,11 +302,14 @@ class Trainer:
             return torch.optim.SGD(groups, lr=config.lr, momentum=0.9, nesterov=True)
         return torch.optim.AdamW(groups, lr=config.lr)
 
-    def train_epoch(self, epoch: int, optimizer, scaler, loader, criterion) -> tuple[float, float, float]:
+    def train_epoch(self, epoch: int, optimizer, scaler, network, train_set, criterion) -> tuple:
         config, runtime = self.config, self.runtime
+        sampler = GlobalBatchSampler(len(train_set), config.batch_size, self.dist, config.seed, epoch)
+        global_sizes = sampler.global_batch_sizes()
+        loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=config.num_workers)
         steps = len(loader)
         total, warmup = config.epochs * steps, round(config.warmup_epochs * steps)
-        self.model.train()
+        network.train()
         if config.bn == "frozen":
             freeze_batchnorm(self.model)
         loss_sum, correct, seen, lr = 0.0, 0, 0, 0.0
@@ -255,25 +324,37 @@ class Trainer:
             lr = config.lr * factor
             images, labels = to_device(images, runtime), labels.to(runtime.device)
             with runtime.autocast():
-                logits = self.model(images)
-            loss = criterion(logits.float(), labels)
+                logits = network(images)
+            summed = criterion(logits.float(), labels)
+            # The mean over the *global* batch; DDP averages over processes, hence the world_size factor.
+            loss = summed * (self.dist.world_size / global_sizes[step])
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            loss_sum += loss.item() * len(labels)
+            loss_sum += summed.item()
             correct += (logits.argmax(1) == labels).sum().item()
             seen += len(labels)
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
-        images_per_s = seen / max(1e-9, time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        loss_sum, correct, seen = sum_across(self.dist, loss_sum, correct, seen)
+        images_per_s = seen / max(1e-9, seconds)
         return loss_sum / max(1, seen), correct / max(1, seen), lr, images_per_s
 
-    def validate(self, loader) -> tuple[float, float]:
+    def validate(self) -> tuple[float, float]:
+        """Validation loss and accuracy; under DDP each process scores a shard and all see the whole."""
+        indices = self._shard("val")
+        dataset = ImageDataset(self.source, "val", self.preprocessing.eval_transform())
+        if self.dist.enabled:
+            dataset = torch.utils.data.Subset(dataset, indices.tolist())
+        loader = make_loader(dataset, EVAL_BATCH_SIZE, self.config.num_workers)
         logits, labels = predict_logits(self.model, loader, self.runtime)
+        combined = gather_rows(self.dist, np.column_stack([logits, labels]), indices)
+        logits, labels = combined[:, :-1], combined[:, -1].astype(np.int64)
         return cross_entropy(logits, labels), float((logits.argmax(1) == labels).mean())
 
     # -- the run ----------------------------------------------------------------------------------
-    def run(self) -> RunResult:
+    def run(self) -> RunResult | None:
         config = self.config
         self.prepare()
         progress = {
@@ -296,31 +377,27 @@ class Trainer:
         def record(row: dict, optimizer) -> None:
             row["elapsed"] = elapsed_before + time.perf_counter() - self.started
             history.append(row)
-            if row["val_acc"] > progress["best_val_acc"]:
+            improved = row["val_acc"] > progress["best_val_acc"]
+            if improved:
                 progress.update(best_val_acc=row["val_acc"], best_epoch=row["epoch"])
-                write_model(
-                    self.run_dir,
-                    self.model,
-                    self.meta | {"best": {"epoch": row["epoch"], "val_accuracy": row["val_acc"]}},
-                )
             if row["val_loss"] < progress["best_val_loss"] - 1e-4:
                 progress.update(best_val_loss=row["val_loss"], bad_epochs=0)
             else:
                 progress["bad_epochs"] += 1
-            save_state(self.run_dir, row["epoch"], self.model, optimizer, progress)
-            write_history(self.run_dir, history)
+            if self.dist.is_main:
+                if improved:
+                    best = {"best": {"epoch": row["epoch"], "val_accuracy": row["val_acc"]}}
+                    write_model(self.run_dir, self.model, self.meta | best)
+                save_state(self.run_dir, row["epoch"], self.model, optimizer, progress)
+                write_history(self.run_dir, history)
+            barrier(self.dist)
             self.say(epoch_line(row) + ("  *best" if progress["best_epoch"] == row["epoch"] else ""))
 
         if state is None and config.head_stage:
             set_backbone_trainable(self.model, False)
             record(self.fit_head(), None)
         elif state is None:
-            val_loader = make_loader(
-                ImageDataset(self.source, "val", self.preprocessing.eval_transform()),
-                EVAL_BATCH_SIZE,
-                config.num_workers,
-            )
-            val_loss, val_acc = self.validate(val_loader)
+            val_loss, val_acc = self.validate()
             record(
                 {
                     "epoch": 0,
@@ -343,38 +420,34 @@ class Trainer:
         if not progress["done"] and start <= config.epochs:
             self.fine_tune(optimizer, start, progress, record)
         progress["done"] = True
-        return self.finish(history, progress)
+        barrier(self.dist)
+        result = self.finish(history, progress) if self.dist.is_main else None
+        barrier(self.dist)
+        shutdown(self.dist)
+        return result
 
     def fine_tune(self, optimizer, start: int, progress: dict, record) -> None:
         config = self.config
         train_set = ImageDataset(
             self.source, "train", self.preprocessing.train_transform(config.augment, config.min_crop_scale)
         )
-        val_loader = make_loader(
-            ImageDataset(self.source, "val", self.preprocessing.eval_transform()),
-            EVAL_BATCH_SIZE,
-            config.num_workers,
-        )
-        criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+        criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing, reduction="sum")
+        network = self.model
+        if self.dist.enabled:
+            device_ids = [self.dist.local_rank] if self.runtime.device == "cuda" else None
+            network = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
         scaler = torch.amp.GradScaler(self.runtime.device, enabled=self.runtime.precision == "fp16")
         for epoch in range(start, config.epochs + 1):
             if progress["bad_epochs"] >= config.patience:
                 break
             t0 = time.perf_counter()
-            # Shuffling and worker seeds derive from (seed, epoch): a resumed epoch sees the same batches.
-            generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
-            loader = make_loader(
-                train_set,
-                config.batch_size,
-                config.num_workers,
-                shuffle=True,
-                generator=generator,
-                drop_last=len(train_set) % config.batch_size == 1,
-            )
+            # Batches and each image's augmentation derive from (seed, epoch): a resumed epoch, or N
+            # processes sharing it, see exactly what one uninterrupted process would.
+            train_set.set_epoch(config.seed, epoch)
             train_loss, train_acc, lr, images_per_s = self.train_epoch(
-                epoch, optimizer, scaler, loader, criterion
+                epoch, optimizer, scaler, network, train_set, criterion
             )
-            val_loss, val_acc = self.validate(val_loader)
+            val_loss, val_acc = self.validate()
             record(
                 {
                     "epoch": epoch,
@@ -420,8 +493,8 @@ def default_run_dir(model: str) -> Path:
     return Path("runs") / f"{model}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
-def train(config: TrainConfig, say: Callable[[str], None] | None = None) -> RunResult:
-    """Train a new run described by ``config``; returns its metrics and folder."""
+def train(config: TrainConfig, say: Callable[[str], None] | None = None) -> RunResult | None:
+    """Train a new run described by ``config``; returns its metrics and folder (None on DDP ranks > 0)."""
     config.validate()
     run_dir = Path(config.out) if config.out else default_run_dir(config.model)
     if (run_dir / TRAIN_CONFIG).exists():
@@ -431,7 +504,7 @@ def train(config: TrainConfig, say: Callable[[str], None] | None = None) -> RunR
     return Trainer(config, run_dir, resuming=False, say=say or _print).run()
 
 
-def resume(run_dir: str | Path, say: Callable[[str], None] | None = None) -> RunResult:
+def resume(run_dir: str | Path, say: Callable[[str], None] | None = None) -> RunResult | None:
     """Continue an interrupted run from its last completed epoch, with the same schedule and randomness."""
     run_dir = Path(run_dir)
     config_path = run_dir / TRAIN_CONFIG
