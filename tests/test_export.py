@@ -128,6 +128,7 @@ def test_export_fails_when_top1_disagrees(tiny_run, tmp_path, monkeypatch):
     monkeypatch.setattr(export_module, "load_exported", flipped)
     with pytest.raises(ExportError, match="different class than PyTorch"):
         export_run(ExportConfig(str(tiny_run), "onnx", out=str(tmp_path / "m.onnx")), say=lambda _: None)
+    assert not (tmp_path / "m.onnx").exists()
 
 
 def test_export_errors_are_clear(tiny_run, tmp_path, capsys):

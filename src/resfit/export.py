@@ -101,9 +101,11 @@ def export_run(config: ExportConfig, say: Callable[[str], None] = print) -> Expo
     parity = compare_logits(TorchBackend(model, "fp32")(batch), exported(batch), labels)
     say(parity.describe(config.format))
     if parity.disagreements:
+        for part in (path, path.with_suffix(".bin")) if config.format == "openvino" else (path,):
+            part.unlink(missing_ok=True)  # nobody should ship a file that failed its check
         raise ExportError(
             f"{path}: the exported model picks a different class than PyTorch on "
-            f"{len(parity.disagreements)} check image(s): {', '.join(parity.disagreements[:5])}"
+            f"{len(parity.disagreements)} check image(s), so it was removed: {', '.join(parity.disagreements[:5])}"
         )
     return ExportResult(path, config.format, parity, time.perf_counter() - started)
 
