@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -71,8 +72,10 @@ def run_resfit(data: Path, model: str, weights: Path, workdir: Path, extra: list
         "--quiet",
         *extra,
     ]
+    # A cold start, as a new user has it: empty scan and feature caches.
+    env = dict(os.environ, RESFIT_CACHE=str(workdir / f"cache-{data.name}-{model}"))
     t0 = time.perf_counter()
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     wall = time.perf_counter() - t0
     device_line = next((line for line in out.splitlines() if line.startswith("device:")), "")
     history = list(csv.DictReader((run_dir / "history.csv").open()))

@@ -380,10 +380,13 @@ class Trainer:
             improved = row["val_acc"] > progress["best_val_acc"]
             if improved:
                 progress.update(best_val_acc=row["val_acc"], best_epoch=row["epoch"])
-            if row["val_loss"] < progress["best_val_loss"] - 1e-4:
-                progress.update(best_val_loss=row["val_loss"], bad_epochs=0)
-            else:
-                progress["bad_epochs"] += 1
+            # Early stopping watches fine-tuning only: the probe's loss (no label smoothing, a convex fit)
+            # is not comparable, and fine-tuning must get its warm-up before it is judged.
+            if row["stage"] == "finetune":
+                if row["val_loss"] < progress["best_val_loss"] - 1e-4:
+                    progress.update(best_val_loss=row["val_loss"], bad_epochs=0)
+                else:
+                    progress["bad_epochs"] += 1
             if self.dist.is_main:
                 if improved:
                     best = {"best": {"epoch": row["epoch"], "val_accuracy": row["val_acc"]}}
