@@ -5,7 +5,12 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -255,3 +260,38 @@ def test_real_run_service_predicts_validation_photos(shared_dir, tmp_path_factor
         assert model["class_names"] == ["ants", "bees"] and model["metrics"]["accuracy"] > 0.6
         for kwargs, status, _ in BAD_UPLOADS.values():
             assert client.post("/predict", **kwargs).status_code == status
+
+
+@pytest.mark.slow
+def test_resfit_serve_command_serves_a_real_run(shared_dir, tmp_path_factory, tmp_path):
+    """`resfit serve RUN_DIR` as a user starts it: ready on loopback, right class, clean exit on Ctrl-C."""
+    run = train_real_run(shared_dir, tmp_path_factory.getbasetemp())
+    reference = Classifier.load(run, backend="torch", precision="fp32")
+    (photo, true_class), *_ = confident_val_images(reference, shared_dir)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = os.environ | {"RESFIT_CACHE": str(tmp_path / "cache")}
+    log = tmp_path / "serve.log"
+    with open(log, "w") as stderr:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "resfit", "serve", str(run), "--port", str(port)], stderr=stderr, env=env
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while True:
+            assert server.poll() is None, log.read_text()
+            try:
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.3)
+        response = httpx.post(url + "/predict", files={"file": (photo.name, photo.read_bytes())}, timeout=60)
+        assert response.status_code == 200 and response.json()["predicted"] == true_class
+        assert httpx.post(url + "/predict", content=b"", timeout=60).status_code == 400
+    finally:
+        server.send_signal(signal.SIGINT)
+        assert server.wait(timeout=60) == 0, log.read_text()
+    assert "resfit: backend " in log.read_text()  # it says which backend and why

@@ -192,6 +192,12 @@ def _run_evaluate(args) -> int:
         raise ResfitError(
             f"the classes of {args.data} {source.class_names} differ from the model's {classifier.class_names}"
         )
+    trained_with = classifier.meta.get("precision")
+    if classifier.choice.name != "torch" or classifier.choice.precision != trained_with:
+        _say_stderr(
+            f"note: training measured metrics.json with torch ({trained_with}); {classifier.choice.name} "
+            f"({classifier.choice.precision}) may differ by an image or two: --backend torch reproduces it"
+        )
     model, runtime = classifier.logits_module()
     metrics, probs = evaluate_split(model, source, args.split, classifier.preprocessing, runtime)
     if args.out:
