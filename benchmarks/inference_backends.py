@@ -8,6 +8,7 @@ export to the cache). Throughput is images/s at the given batch on real photos (
 the median of --repeats rounds; the configurations take turns within each round, so a noisy moment
 hits all of them alike. Top-1 agreement and max |logit difference| are against eager fp32 PyTorch on
 every hymenoptera photo (train + val, ~400), a stricter test with a 10-class head than with 2 classes.
+int8 (opt-in, `--precision int8`) is calibrated on the train photos, so its agreement includes them.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ sys.path.insert(0, str(REPO / "src"))
 
 from resfit.backends import OnnxRuntimeBackend, OpenVinoBackend, TorchBackend  # noqa: E402
 from resfit.data.transforms import Preprocessing  # noqa: E402
-from resfit.export import cached_export  # noqa: E402
+from resfit.errors import ResfitError  # noqa: E402
+from resfit.export import cached_export, cached_int8_export  # noqa: E402
 from resfit.hardware import detect_cpu  # noqa: E402
 from resfit.models import build_model  # noqa: E402
 from resfit.predict import Classifier, InferenceConfig  # noqa: E402
@@ -56,7 +58,10 @@ def make_run(arch: str, root: Path) -> Path:
     preprocessing = Preprocessing(224, 256, tuple(norm["mean"]), tuple(norm["std"]))
     run = root / arch
     run.mkdir(parents=True, exist_ok=True)
-    write_model(run, model, build_model_meta(arch, class_names, preprocessing, 0.0, data={"path": ""}))
+    # The photos' folder as the run's data: int8 calibrates on its train split and is checked on val.
+    data = {"path": str(SHARED / "data" / "hymenoptera"), "layout": "imagefolder"}
+    meta = build_model_meta(arch, class_names, preprocessing, 0.0, data=data, training_config={"seed": 0})
+    write_model(run, model, meta)
     return run
 
 
@@ -91,6 +96,12 @@ def configurations(run: Path, cache: Path, threads: int) -> list[Config]:
                     lambda p=precision, h=hint: OpenVinoBackend(ir, threads, p, h),
                 )
             )
+    try:
+        int8_ir, summary = cached_int8_export(run, cache)
+        print(f"int8: {summary}", flush=True)
+        configs.append(Config("openvino int8 LATENCY", lambda: OpenVinoBackend(int8_ir, threads, "int8")))
+    except ResfitError as error:
+        print(f"int8 left out: {error}", flush=True)
     return configs
 
 

@@ -14,6 +14,7 @@ from test_export import train_tiny_run
 
 from resfit.backends import OpenVinoBackend, choose_backend
 from resfit.errors import ConfigError
+from resfit.export import ExportError
 from resfit.hardware import CpuInfo
 from resfit.predict import Classifier, InferenceConfig
 
@@ -29,7 +30,7 @@ def tiny_run(tiny_imagefolder, tmp_path_factory) -> Path:
 def test_auto_picks_openvino_bf16_with_native_bf16_and_fp32_without():
     native = choose_backend(ZEN5)
     assert (native.name, native.precision) == ("openvino", "bf16")
-    assert "native bf16" in native.describe() and "--precision fp32" in native.describe()
+    assert "natively" in native.describe() and "--precision fp32" in native.describe()
     emulated = choose_backend(EPYC_AVX2)
     assert (emulated.name, emulated.precision) == ("openvino", "fp32")
     assert "emulated" in emulated.describe()
@@ -56,6 +57,7 @@ def test_auto_falls_back_when_packages_are_missing(monkeypatch):
         ({"backend": "tensorrt"}, "unknown backend 'tensorrt'"),
         ({"backend": "onnxruntime", "precision": "bf16"}, "use --precision fp32"),
         ({"precision": "fp16"}, "fp16 is for CUDA"),
+        ({"backend": "torch", "precision": "int8"}, "not int8"),
         ({"backend": "openvino", "device": "cuda"}, "CPU only"),
         ({"performance_hint": "FAST"}, "LATENCY or THROUGHPUT"),
     ],
@@ -132,3 +134,33 @@ def test_cli_predict_and_evaluate_say_which_backend(tiny_run, tiny_imagefolder, 
     assert result.returncode == 0, result.stderr
     assert "resfit: backend " in result.stderr
     assert json.loads(result.stdout)["num_images"] == 12
+
+
+def test_int8_is_calibrated_once_checked_and_cached(tiny_run, tiny_imagefolder, tmp_path):
+    config = InferenceConfig(backend="openvino", precision="int8", cache_dir=str(tmp_path))
+    classifier = Classifier.load(tiny_run, config=config)
+    assert (classifier.choice.name, classifier.choice.precision) == ("openvino", "int8")
+    assert "agreed with fp32 on 100.0% of 12 validation images" in classifier.describe()
+    int8_ir = next(tmp_path.glob("exports/*/model-int8.xml"))
+    stamp = int8_ir.stat().st_mtime_ns
+    again = Classifier.load(tiny_run, config=config)
+    assert int8_ir.stat().st_mtime_ns == stamp
+    image = tiny_imagefolder / "val" / "red" / "red_000.png"
+    assert again.choice.precision == "int8" and again.predict(image, top_k=1)[0][0] in ("red", "blue")
+
+
+def test_int8_that_disagrees_with_fp32_is_refused_and_not_retried(tiny_run, tmp_path, monkeypatch):
+    import resfit.export as export_module
+
+    monkeypatch.setattr(export_module, "INT8_MIN_AGREEMENT", 1.01)  # nothing can pass
+    config = InferenceConfig(backend="openvino", precision="int8", cache_dir=str(tmp_path))
+    with pytest.raises(ExportError, match="not used; use --precision fp32 or bf16"):
+        Classifier.load(tiny_run, config=config)
+    assert not list(tmp_path.glob("exports/*/model-int8.xml"))
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a refused model was quantized again")
+
+    monkeypatch.setattr(export_module, "_quantize", must_not_run)
+    with pytest.raises(ExportError, match="not used"):
+        Classifier.load(tiny_run, config=config)

@@ -182,7 +182,7 @@ def test_real_run_export_agrees_on_validation_photos(real_run, tmp_path, fmt, ca
 
 @pytest.mark.slow
 def test_real_run_backends_agree_with_fp32_torch(real_run, shared_dir, tmp_path):
-    """Every backend, at fp32 and at the default precision, picks the fp32 class on 24 validation photos."""
+    """Every backend at fp32 and the default precision (and int8 where kept) picks the fp32 class on 24 photos."""
     paths = [
         p
         for name in ("ants", "bees")
@@ -191,11 +191,18 @@ def test_real_run_backends_agree_with_fp32_torch(real_run, shared_dir, tmp_path)
     reference = Classifier.load(real_run, backend="torch", precision="fp32")
     batch = reference.preprocess(paths)
     expected = reference.logits(batch)
-    for backend in ("onnxruntime", "openvino", "auto"):
-        for precision in ("fp32", "auto"):
-            config = InferenceConfig(backend=backend, precision=precision, cache_dir=str(tmp_path / "cache"))
-            logits = Classifier.load(real_run, config=config).logits(batch)
-            agreement = float((logits.argmax(1) == expected.argmax(1)).mean())
-            assert agreement >= 0.95, (backend, precision, agreement)
-            if precision == "fp32":
-                assert np.abs(logits - expected).max() < 1e-2, (backend, precision)
+    cases = [(b, p) for b in ("onnxruntime", "openvino", "auto") for p in ("fp32", "auto")]
+    for backend, precision in cases + [("openvino", "int8")]:
+        config = InferenceConfig(backend=backend, precision=precision, cache_dir=str(tmp_path / "cache"))
+        try:
+            classifier = Classifier.load(real_run, config=config)
+        except ExportError as error:
+            # int8 is kept only if it matches fp32 on >= 99% of the validation split; this run has many
+            # near-ties (measured: 96.7% here), so a refusal that says why is a correct outcome too.
+            assert precision == "int8" and "below the 99% needed" in str(error)
+            continue
+        logits = classifier.logits(batch)
+        agreement = float((logits.argmax(1) == expected.argmax(1)).mean())
+        assert agreement >= 0.95, (backend, precision, agreement)
+        if precision == "fp32":
+            assert np.abs(logits - expected).max() < 1e-2, (backend, precision)

@@ -120,8 +120,9 @@ def _add_backend_flags(p) -> None:
     p.add_argument(
         "--precision",
         default="auto",
-        choices=("auto", "fp32", "bf16", "fp16"),
-        help="auto: bf16 where the CPU has it natively; fp32 for exact fp32 results",
+        choices=("auto", "fp32", "bf16", "fp16", "int8"),
+        help="auto: bf16 where the CPU has it natively; fp32 for exact fp32 results; "
+        "int8 (OpenVINO): quantized once on the run's training images, used only if it agrees with fp32",
     )
     p.add_argument(
         "--performance-hint",

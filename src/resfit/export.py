@@ -7,14 +7,17 @@ The batch axis is dynamic; height and width are the run's crop size.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
+import logging
 import os
 import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +31,7 @@ from .data.images import open_rgb
 from .data.sources import discover
 from .data.transforms import Preprocessing
 from .errors import ImageReadError, ResfitError
-from .fileio import atomic_write
+from .fileio import atomic_write, atomic_write_json
 from .runfolder import MODEL_WEIGHTS, load_model
 
 FORMATS = ("onnx", "openvino", "torchscript")
@@ -269,31 +272,44 @@ def _read_check_image(path: str) -> Image.Image:
 
 def default_check_images(meta: dict, count: int) -> list[tuple[str, Image.Image]]:
     """Up to ``count`` readable images from the run's own validation split, taking each class in turn."""
+    images = list(run_images(meta, "val", count, purpose="check the export on"))
+    if not images:
+        raise ExportError(
+            f"no readable image in {meta['data']['path']} to check the export on: pass --check-images"
+        )
+    return images
+
+
+def run_images(meta: dict, split: str, count: int, purpose: str) -> Iterator[tuple[str, Image.Image]]:
+    """Up to ``count`` readable images of one split of the run's own data, each class in turn."""
     data = (meta.get("data") or {}).get("path")
     if not data or not Path(data).exists():
         raise ExportError(
-            f"the run's data ({data or 'not recorded in model.json'}) is not here to check the export on: "
-            "pass --check-images with a few real images"
+            f"the run's data ({data or 'not recorded in model.json'}) is not here to {purpose}: "
+            + (
+                "pass --check-images with a few real images"
+                if split == "val"
+                else "use --precision fp32 or bf16"
+            )
         )
     training = meta.get("training_config") or {}
     source = discover(data, val_fraction=training.get("val_fraction", 0.2), seed=training.get("seed", 0))
-    split = source.splits.get("val") or next(iter(source.splits.values()))
+    chosen = source.splits.get(split) or next(iter(source.splits.values()))
     by_class: dict[int, list[str]] = {}
-    for item, label in sorted(zip(split.items, split.labels, strict=True)):
+    for item, label in sorted(zip(chosen.items, chosen.labels, strict=True)):
         by_class.setdefault(label, []).append(item)
     queues = [by_class[label] for label in sorted(by_class)]
-    images: list[tuple[str, Image.Image]] = []
-    while len(images) < count and any(queues):
+    given = 0
+    while given < count and any(queues):
         for queue in queues:
-            if queue and len(images) < count:
+            if queue and given < count:
                 item = queue.pop(0)
                 try:
-                    images.append((item, source.read(item)[0]))
+                    image = source.read(item)[0]
                 except ImageReadError:
                     continue  # the scan would have skipped it too
-    if not images:
-        raise ExportError(f"no readable image in {data} to check the export on: pass --check-images")
-    return images
+                given += 1
+                yield item, image
 
 
 def model_digest(run_dir: Path) -> str:
@@ -334,3 +350,95 @@ def _check_against_torch(model: torch.nn.Module, meta: dict, fmt: str, path: Pat
     if float(np.abs(reference - exported).max()) > tolerance:
         shutil.rmtree(path.parent, ignore_errors=True)
         raise ExportError(f"the {fmt} export of {meta['architecture']} does not reproduce PyTorch's logits")
+
+
+# int8: OpenVINO IR quantized by NNCF, calibrated on the run's training images, kept only where it agrees.
+INT8_MIN_AGREEMENT = 0.99
+INT8_CALIBRATION_IMAGES = 300
+INT8_CHECK_IMAGES = 200
+
+
+def cached_int8_export(
+    run_dir: str | os.PathLike, cache_dir: Path, say: Callable[[str], None] | None = None
+) -> tuple[Path, str]:
+    """(int8 IR, one-line summary of its agreement with fp32); quantizes once per model, refuses if it disagrees.
+
+    Calibration uses up to 300 training images of the run's own data; the check uses up to 200
+    validation images, and the int8 model is kept only if its top-1 matches fp32 on >= 99% of them.
+    The verdict is cached either way, so a refused model is not quantized again on every load.
+    """
+    fp32_ir = cached_export(run_dir, "openvino", cache_dir, say)
+    path, verdict_path = fp32_ir.with_name("model-int8.xml"), fp32_ir.with_name("model-int8.json")
+    if verdict_path.is_file():
+        verdict = json.loads(verdict_path.read_text())
+        if not verdict["kept"]:
+            raise ExportError(verdict["summary"])
+        if path.is_file():
+            return path, verdict["summary"]
+    try:
+        import nncf
+    except ImportError:
+        raise ExportError("--precision int8 needs NNCF: pip install nncf") from None
+    model, meta = load_model(Path(run_dir))
+    transform = Preprocessing.from_dict(meta["preprocessing"]).eval_transform()
+
+    def batch_of(split: str, count: int, purpose: str) -> np.ndarray:
+        tensors = [transform(image) for _, image in run_images(meta, split, count, purpose)]
+        if not tensors:
+            raise ExportError(f"no readable {split} image in {meta['data']['path']} to {purpose}")
+        return torch.stack(tensors).numpy()
+
+    calibration = batch_of("train", INT8_CALIBRATION_IMAGES, "calibrate int8 on")
+    check = batch_of("val", INT8_CHECK_IMAGES, "check int8 against fp32 on")
+    if say is not None:
+        say(
+            f"quantizing to int8 once: calibrating on {len(calibration)} training images (cached in {path.parent})"
+        )
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".int8-") as workdir:
+        staged = Path(workdir) / path.name
+        _quantize(nncf, fp32_ir, calibration, staged)
+        threads = max(1, torch.get_num_threads())
+        reference = TorchBackend(model, "fp32")(check)
+        quantized = np.concatenate(
+            [
+                OpenVinoBackend(staged, threads, "int8")(chunk)
+                for chunk in np.array_split(check, max(1, len(check) // 32))
+            ]
+        )
+        agreement = float((quantized.argmax(1) == reference.argmax(1)).mean())
+        kept = agreement >= INT8_MIN_AGREEMENT
+        summary = (
+            f"int8 agreed with fp32 on {agreement:.1%} of {len(check)} validation images "
+            f"(max |logit difference| {float(np.abs(quantized - reference).max()):.2f})"
+        )
+        if not kept:
+            summary += f": below the {INT8_MIN_AGREEMENT:.0%} needed, so it is not used; use --precision fp32 or bf16"
+        if kept:
+            os.replace(staged.with_suffix(".bin"), path.with_suffix(".bin"))
+            os.replace(staged, path)
+    atomic_write_json(
+        verdict_path, {"kept": kept, "agreement": agreement, "images": len(check), "summary": summary}
+    )
+    if not kept:
+        raise ExportError(summary)
+    return path, summary
+
+
+def _quantize(nncf, fp32_ir: Path, calibration: np.ndarray, out: Path) -> None:
+    """NNCF post-training quantization of the fp32 IR; its progress bars and logs kept off stdout."""
+    import openvino as ov
+
+    logger = logging.getLogger("nncf")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            quantized = nncf.quantize(
+                ov.Core().read_model(str(fp32_ir)),
+                nncf.Dataset([calibration[i : i + 1] for i in range(len(calibration))]),
+                subset_size=len(calibration),
+                preset=nncf.QuantizationPreset.PERFORMANCE,
+            )
+    finally:
+        logger.setLevel(level)
+    ov.save_model(quantized, str(out), compress_to_fp16=False)

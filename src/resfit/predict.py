@@ -17,7 +17,7 @@ from .data.scan import default_cache_dir
 from .data.transforms import Preprocessing
 from .errors import ImageReadError, ResfitError
 from .evaluate import softmax
-from .export import cached_export
+from .export import cached_export, cached_int8_export
 from .hardware import Runtime, apply_threads, resolve_runtime
 from .runfolder import load_model
 
@@ -89,7 +89,8 @@ class Classifier:
     ) -> Classifier:
         """The run on the backend ``config`` asks for; a first use of ONNX/OpenVINO exports once to the cache."""
         config = config or InferenceConfig(device, precision, backend)
-        runtime = resolve_runtime(config.device, config.precision)
+        # int8 is a backend precision (OpenVINO); PyTorch's runtime around it stays fp32.
+        runtime = resolve_runtime(config.device, "fp32" if config.precision == "int8" else config.precision)
         # On CUDA the runtime has already resolved the precision (AMP); on CPU the backend decides it.
         precision = config.precision if runtime.device == "cpu" else runtime.precision
         choice = choose_backend(
@@ -101,6 +102,10 @@ class Classifier:
         cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
         if choice.name == "onnxruntime":
             engine = OnnxRuntimeBackend(cached_export(run_dir, "onnx", cache_dir, say), runtime.threads)
+        elif choice.name == "openvino" and choice.precision == "int8":
+            ir, summary = cached_int8_export(run_dir, cache_dir, say)
+            engine = OpenVinoBackend(ir, runtime.threads, "int8", choice.performance_hint)
+            choice = replace(choice, reason=f"{choice.reason}; {summary}")
         elif choice.name == "openvino":
             engine = OpenVinoBackend(
                 cached_export(run_dir, "openvino", cache_dir, say),
