@@ -77,6 +77,17 @@ def _train_parser(sub) -> None:
     p.add_argument(
         "--patience", type=int, default=defaults.patience, help="early stopping on validation loss"
     )
+    p.add_argument(
+        "--no-feature-cache",
+        dest="feature_cache",
+        action="store_false",
+        help="always recompute the head stage's features (default: cached by weights, preprocessing, image bytes)",
+    )
+    p.add_argument(
+        "--sync-bn",
+        action="store_true",
+        help="under torchrun with --bn train: BatchNorm over the global batch",
+    )
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument(
         "--val-fraction",
