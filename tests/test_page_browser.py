@@ -84,6 +84,7 @@ def test_page_shows_the_class_and_errors_on_the_tiny_model(
         browser.save_screenshot(str(tmp_path / "page.png"))
         assert upload(browser, url, not_an_image) == "error"
         assert "not an image in an allowed format" in browser.find_element(By.ID, "error").text
+        browser.save_screenshot(str(tmp_path / "page-error.png"))
         assert not browser.find_element(By.ID, "result").is_displayed()
 
 

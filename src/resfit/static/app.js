@@ -53,6 +53,9 @@ async function classify(file) {
   $("filename").textContent = `${file.name} · ${(file.size / 1024).toFixed(0)} KB`;
   const preview = $("preview");
   if (preview.src) URL.revokeObjectURL(preview.src);
+  show(preview, false); // shown once the browser can draw it: a text file gets no broken-image icon
+  preview.onload = () => show(preview, true);
+  preview.onerror = () => show(preview, false);
   preview.src = URL.createObjectURL(file);
   if (maxUploadBytes !== null && file.size > maxUploadBytes) {
     fail(`${file.name} is larger than the upload limit (${(maxUploadBytes / 1048576).toFixed(0)} MB).`);
