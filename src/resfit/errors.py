@@ -42,3 +42,9 @@ class ConfigError(ResfitError):
     """A configuration value is out of range or inconsistent."""
 
     exit_code = 2
+
+
+class ExportError(ResfitError):
+    """The model could not be exported, or the exported model disagrees with PyTorch."""
+
+    exit_code = 7

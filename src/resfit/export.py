@@ -30,7 +30,7 @@ from .backends import OnnxRuntimeBackend, OpenVinoBackend, TorchBackend
 from .data.images import open_rgb
 from .data.sources import discover
 from .data.transforms import Preprocessing
-from .errors import ImageReadError, ResfitError
+from .errors import ExportError, ImageReadError, ResfitError
 from .fileio import atomic_write, atomic_write_json
 from .runfolder import MODEL_WEIGHTS, load_model
 
@@ -40,12 +40,6 @@ INPUT_NAME, OUTPUT_NAME = "images", "logits"
 ONNX_OPSET = 18
 DEFAULT_CHECK_IMAGES = 8
 METADATA_PREFIX = "resfit."
-
-
-class ExportError(ResfitError):
-    """The model could not be exported, or the exported model disagrees with PyTorch."""
-
-    exit_code = 7
 
 
 @dataclass
