@@ -85,11 +85,6 @@ class Runtime:
     gpu_name: str | None = None
 
     @property
-    def channels_last(self) -> bool:
-        # channels_last helps oneDNN (fp32 and bf16) and cuDNN tensor cores alike.
-        return True
-
-    @property
     def autocast_dtype(self) -> torch.dtype | None:
         return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
 

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from ..data.dataset import ImageDataset
 from ..data.sources import DatasetSource
 from ..data.transforms import Preprocessing
-from ..evaluate import EVAL_BATCH_SIZE, make_loader, to_device
+from ..evaluate import eval_loader, to_device
 from ..hardware import Runtime
 from ..models import forward_features
 
@@ -54,7 +54,7 @@ def extract_features(
     dataset = ImageDataset(source, split, preprocessing.eval_transform())
     if indices is not None:
         dataset = torch.utils.data.Subset(dataset, indices)
-    loader = make_loader(dataset, EVAL_BATCH_SIZE, num_workers)
+    loader = eval_loader(dataset, num_workers)
     features, labels = [], []
     for images, batch_labels in tqdm(
         loader, desc=f"features {split}", leave=False, disable=not progress, unit="batch"

@@ -38,9 +38,8 @@ from ..distributed import (
 )
 from ..errors import RunFolderError
 from ..evaluate import (
-    EVAL_BATCH_SIZE,
+    eval_loader,
     evaluate_split,
-    make_loader,
     predict_logits,
     to_device,
     write_evaluation,
@@ -347,7 +346,7 @@ class Trainer:
         dataset = ImageDataset(self.source, "val", self.preprocessing.eval_transform())
         if self.dist.enabled:
             dataset = torch.utils.data.Subset(dataset, indices.tolist())
-        loader = make_loader(dataset, EVAL_BATCH_SIZE, self.config.num_workers)
+        loader = eval_loader(dataset, self.config.num_workers)
         logits, labels = predict_logits(self.model, loader, self.runtime)
         combined = gather_rows(self.dist, np.column_stack([logits, labels]), indices)
         logits, labels = combined[:, :-1], combined[:, -1].astype(np.int64)

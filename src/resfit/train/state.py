@@ -61,8 +61,7 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer | None) -> tuple[dict, d
                 tensors[f"optim.{param_id}.{key}"] = value.detach().cpu().contiguous()
             else:
                 scalars[f"{param_id}.{key}"] = value
-    groups = [{k: v for k, v in group.items()} for group in state["param_groups"]]
-    return {"param_groups": groups, "scalars": scalars}, tensors
+    return {"param_groups": state["param_groups"], "scalars": scalars}, tensors
 
 
 def _restore_optimizer(
