@@ -30,15 +30,19 @@ def _train_parser(sub) -> None:
     p.add_argument(
         "--resume", metavar="RUN_DIR", help="continue an interrupted run from its last completed epoch"
     )
+    p.add_argument(
+        "--model",
+        default=TrainConfig().model,
+        help="resnet18/34/50/101/152, resnext50_32x4d, resnext101_32x8d",
+    )
+    _add_train_flags(p, weights_help="imagenet (torchvision's weights), none, or a state-dict FILE")
+    p.add_argument("--out", help="run folder (default runs/<model>-<timestamp>)")
+
+
+def _add_train_flags(p, weights_help: str) -> None:
+    """The recipe's flags (TrainConfig fields), shared by train and compare."""
     defaults = TrainConfig()
-    p.add_argument(
-        "--model", default=defaults.model, help="resnet18/34/50/101/152, resnext50_32x4d, resnext101_32x8d"
-    )
-    p.add_argument(
-        "--weights",
-        default=defaults.weights,
-        help="imagenet (torchvision's weights), none, or a state-dict FILE",
-    )
+    p.add_argument("--weights", default=defaults.weights, help=weights_help)
     p.add_argument(
         "--epochs", type=int, default=defaults.epochs, help="fine-tuning epochs after the head stage"
     )
@@ -47,7 +51,10 @@ def _train_parser(sub) -> None:
     )
     p.add_argument("--batch-size", type=int, help="default: chosen for the device")
     p.add_argument(
-        "--lr", type=float, help="head learning rate in fine-tuning (default 1e-3 AdamW, 1e-2 SGD)"
+        "--lr",
+        type=_learning_rate,
+        help="head learning rate in fine-tuning (default 1e-3 AdamW, 1e-2 SGD); "
+        "auto: a range test after the head stage picks it (see resfit lr-find)",
     )
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=defaults.optimizer)
     p.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
@@ -78,10 +85,47 @@ def _train_parser(sub) -> None:
         "--patience", type=int, default=defaults.patience, help="early stopping on validation loss"
     )
     p.add_argument(
+        "--tta",
+        choices=("none", "flip", "multiscale", "flip+multiscale"),
+        default=defaults.tta,
+        help="test-time augmentation stored with the model (predict, evaluate, export, serve apply it)",
+    )
+    p.add_argument(
+        "--multi-scale",
+        action="store_true",
+        help="progressive resizing: early epochs at smaller sizes, the last at --img-size",
+    )
+    p.add_argument(
+        "--train-sizes",
+        type=_int_list,
+        metavar="S1,S2,...",
+        help="the multi-scale sizes, run small to large (default 0.75x, 0.875x, 1x --img-size)",
+    )
+    p.add_argument("--ema", action="store_true", help="validate and keep an EMA of the weights")
+    p.add_argument("--ema-decay", type=float, help="per step (default: a half-life of one epoch)")
+    p.add_argument(
+        "--mixup", type=float, default=defaults.mixup, metavar="ALPHA", help="mixup Beta alpha (0 = off)"
+    )
+    p.add_argument(
+        "--cutmix", type=float, default=defaults.cutmix, metavar="ALPHA", help="cutmix Beta alpha (0 = off)"
+    )
+    p.add_argument(
+        "--balance",
+        choices=("none", "sampler", "loss"),
+        default=defaults.balance,
+        help="unequal classes: class-balanced batches, or inverse-frequency loss weights",
+    )
+    p.add_argument(
         "--no-feature-cache",
         dest="feature_cache",
         action="store_false",
         help="always recompute the head stage's features (default: cached by weights, preprocessing, image bytes)",
+    )
+    p.add_argument(
+        "--decoded-cache",
+        choices=("auto", "on", "off"),
+        default=defaults.decoded_cache,
+        help="decode and resize each image once into a memory-mapped cache (auto: at img-size <= 128)",
     )
     p.add_argument(
         "--sync-bn",
@@ -100,8 +144,60 @@ def _train_parser(sub) -> None:
     p.add_argument(
         "--workers", dest="num_workers", type=int, help="DataLoader workers (default: 1 on 2 cores)"
     )
-    p.add_argument("--out", help="run folder (default runs/<model>-<timestamp>)")
     p.add_argument("--quiet", action="store_true", help="no progress bars: one line per epoch, for logs")
+
+
+def _learning_rate(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
+
+
+def _lr_find_parser(sub) -> None:
+    from .train.lr_find import END_LR, START_LR, STEPS
+
+    p = sub.add_parser(
+        "lr-find",
+        help="learning-rate range test: a loss-vs-lr plot and a suggested --lr (what --lr auto runs)",
+        description="Prepare as train does (scan, weights, head stage), then sweep the fine-tuning lr "
+        "exponentially over up to --steps optimizer steps; write lr_find.png and lr_find.json and print the suggestion. "
+        "Given a run folder, use that run's settings (it is not modified); flags given here override them.",
+    )
+    p.add_argument(
+        "run_or_data", metavar="RUN_OR_DATA", help="a dataset, or a run folder to take settings from"
+    )
+    p.add_argument("--model", default=TrainConfig().model, help="resnet18/34/50/101/152, resnext...")
+    _add_train_flags(p, weights_help="imagenet (torchvision's weights), none, or a state-dict FILE")
+    # A flag not given stays None, so only the flags given apply (over a run's settings or the defaults).
+    p.set_defaults(**{f.name: None for f in fields(TrainConfig) if f.name not in ("data", "out")})
+    p.add_argument("--out", help="where lr_find.png/json go (default runs/lr-find-<timestamp>)")
+    p.add_argument("--start-lr", type=float, default=START_LR, help="first head lr of the sweep")
+    p.add_argument("--end-lr", type=float, default=END_LR, help="last head lr of the sweep")
+    p.add_argument(
+        "--steps", type=int, default=STEPS, help="optimizer steps in the sweep (it stops early on a blow-up)"
+    )
+
+
+def _run_lr_find(args) -> int:
+    from .train.lr_find import PLOT_NAME, config_for, describe, find_lr
+
+    known = {f.name for f in fields(TrainConfig)} - {"data", "out"}
+    given = {k: v for k, v in vars(args).items() if k in known and v is not None}
+    config = config_for(args.run_or_data, given)
+    result, out = find_lr(config, args.out, start_lr=args.start_lr, end_lr=args.end_lr, steps=args.steps)
+    print(describe(result))
+    print(f"suggested --lr {result.suggestion:.2e}; plot: {out / PLOT_NAME}")
+    return 0
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def _run_train(args) -> int:
@@ -116,6 +212,85 @@ def _run_train(args) -> int:
     config = TrainConfig(**{k: v for k, v in vars(args).items() if k in known})
     train(config)
     return 0
+
+
+def _compare_parser(sub) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="train several models with one recipe and compare accuracy, TTA, latency, size and cost",
+        description="Train (or take) each model, add their ensemble, evaluate and time every one alike, "
+        "and write OUT/report.md, report.json and accuracy_vs_latency.png.",
+    )
+    p.add_argument("data", help="dataset every model is trained and evaluated on")
+    p.add_argument(
+        "--models",
+        default="resnet50,resnet101,resnet50+resnet101",
+        help="comma-separated: architectures to train (a+b: one fused network) or existing run folders",
+    )
+    _add_train_flags(
+        p,
+        weights_help="imagenet or none for all, or ARCH=FILE pairs separated by commas "
+        "(resnet50=A.pth,resnet101=B.pth; a fused a+b model gets both)",
+    )
+    p.add_argument("--out", help="comparison folder (default runs/compare-<timestamp>)")
+    p.add_argument(
+        "--no-ensemble",
+        dest="ensemble",
+        action="store_false",
+        help="skip the late-fusion ensemble of the first two single-architecture runs",
+    )
+    p.add_argument(
+        "--ensemble-weighting",
+        choices=("equal", "val"),
+        default="val",
+        help="the ensemble's member weights: equal, or fitted on the validation log-loss",
+    )
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=("auto", "torch", "onnxruntime", "openvino"),
+        help="inference engine every row is measured on (default: the one resfit predict picks, printed)",
+    )
+    p.add_argument(
+        "--latency-repeats",
+        type=int,
+        default=30,
+        help="timed batch-1 calls per figure (the median is reported)",
+    )
+    p.add_argument("--throughput-batch", type=int, default=32, help="batch size of the throughput figure")
+
+
+def _run_compare(args) -> int:
+    from .compare import CompareConfig, compare
+    from .predict import InferenceConfig
+
+    known = {f.name for f in fields(TrainConfig)} - {"data", "model", "weights", "out"}
+    recipe = TrainConfig(**{k: v for k, v in vars(args).items() if k in known})
+    config = CompareConfig(
+        data=args.data,
+        models=[entry.strip() for entry in args.models.split(",")],
+        weights=args.weights,
+        out=args.out,
+        train=recipe,
+        ensemble=args.ensemble,
+        ensemble_weighting=args.ensemble_weighting,
+        inference=InferenceConfig(backend=args.backend),
+        latency_repeats=args.latency_repeats,
+        throughput_batch=args.throughput_batch,
+    )
+    compare(config)
+    return 0
+
+
+def _add_tta_flag(p, default_help: str) -> None:
+    from .wrappers import TTA_MODES
+
+    p.add_argument(
+        "--tta",
+        choices=TTA_MODES,
+        help="test-time augmentation, probabilities averaged over flips and/or sizes "
+        f"(multiscale: 0.875x, 1x, 1.15x the crop); {default_help}",
+    )
 
 
 def _add_backend_flags(p) -> None:
@@ -135,6 +310,7 @@ def _add_backend_flags(p) -> None:
         help="auto: bf16 where the CPU has it natively; fp32 for exact fp32 results; "
         "int8 (OpenVINO): quantized once on the run's training images, used only if it agrees with fp32",
     )
+    _add_tta_flag(p, "default: the run's stored setting")
     p.add_argument(
         "--performance-hint",
         default="LATENCY",
@@ -151,7 +327,9 @@ def _load_classifier(args):
     """The Classifier the flags ask for; which backend it runs on (and why) goes to stderr."""
     from .predict import Classifier, InferenceConfig
 
-    config = InferenceConfig(args.device, args.precision, args.backend, args.performance_hint)
+    config = InferenceConfig(
+        args.device, args.precision, args.backend, args.performance_hint, tta=getattr(args, "tta", None)
+    )
     classifier = Classifier.load(args.run_dir, config=config, say=_say_stderr)
     _say_stderr(classifier.describe())
     return classifier
@@ -167,6 +345,7 @@ def _run_export(args) -> int:
         out=args.out,
         check_images=expand_inputs(args.check_images) if args.check_images else [],
         num_check_images=args.num_check_images,
+        tta=args.tta,
     )
     result = export_run(config)
     print(f"wrote {result.path} in {result.seconds:.1f} s (top-1 agrees with PyTorch on every check image)")
@@ -223,6 +402,13 @@ def _run_evaluate(args) -> int:
     return 0
 
 
+def _run_ensemble(args) -> int:
+    from .ensemble import build_ensemble
+
+    build_ensemble(args.run_dirs, args.out, args.data, args.weighting, tta=args.tta or "none")
+    return 0
+
+
 def _run_predict(args) -> int:
     from .predict import expand_inputs
 
@@ -271,6 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"resfit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
+    _compare_parser(sub)
+    _lr_find_parser(sub)
 
     p = sub.add_parser("evaluate", help="metrics of a run on a dataset split")
     p.add_argument("run_dir")
@@ -301,6 +489,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="images or folders to check parity on (default: images from the run's validation data)",
     )
     p.add_argument("--num-check-images", type=int, default=8, help="how many validation images by default")
+    _add_tta_flag(p, "default: the run's stored setting, baked into the exported graph")
+
+    p = sub.add_parser(
+        "ensemble",
+        help="average several runs' probabilities into one run folder (evaluate/predict/export/serve it as one)",
+    )
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", required=True, help="the ensemble's run folder")
+    p.add_argument(
+        "--weighting",
+        choices=("equal", "val"),
+        default="equal",
+        help="equal weights, or weights that minimise the validation log-loss (never the test split)",
+    )
+    p.add_argument("--data", help="dataset whose val split scores it (default: the first run's data)")
+    _add_tta_flag(p, "stored with the ensemble (default none)")
 
     p = sub.add_parser("serve", help="HTTP service with an upload page: POST /predict, GET /model, /docs")
     p.add_argument("run_dir")
@@ -323,11 +527,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 COMMANDS = {
     "train": _run_train,
+    "lr-find": _run_lr_find,
     "evaluate": _run_evaluate,
     "predict": _run_predict,
     "scan": _run_scan,
     "export": _run_export,
     "serve": _run_serve,
+    "ensemble": _run_ensemble,
+    "compare": _run_compare,
 }
 
 

@@ -104,14 +104,26 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
     of B/N see exactly the batches one process with batch B sees: the same seed gives the same training.
     """
 
-    def __init__(self, size: int, global_batch: int, context: DistContext, seed: int, epoch: int):
+    def __init__(
+        self,
+        size: int,
+        global_batch: int,
+        context: DistContext,
+        seed: int,
+        epoch: int,
+        weights: np.ndarray | None = None,
+    ):
         if global_batch % context.world_size:
             raise ConfigError(
                 f"batch size {global_batch} must be divisible by the {context.world_size} processes"
             )
         self.context = context
         generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        order = torch.randperm(size, generator=generator).numpy()
+        if weights is None:
+            order = torch.randperm(size, generator=generator).numpy()
+        else:  # class-balanced: an epoch of draws with replacement, in proportion to ``weights``
+            draws = torch.as_tensor(weights, dtype=torch.float64)
+            order = torch.multinomial(draws, size, replacement=True, generator=generator).numpy()
         self.batches = [order[i : i + global_batch] for i in range(0, size, global_batch)]
         # A last batch too small to give each process two images is dropped (BatchNorm needs two).
         if len(self.batches) > 1 and len(self.batches[-1]) < 2 * context.world_size:

@@ -51,6 +51,7 @@ class ExportConfig:
     out: str | None = None  # default: RUN_DIR/export/model.onnx | model.xml | model.pt
     check_images: list[str] = field(default_factory=list)  # default: validation images of the run's data
     num_check_images: int = DEFAULT_CHECK_IMAGES
+    tta: str | None = None  # None: the run's stored test-time augmentation, baked into the exported graph
 
     def output_path(self) -> Path:
         return Path(self.out) if self.out else Path(self.run_dir) / "export" / FILE_NAMES[self.format]
@@ -88,7 +89,7 @@ def export_run(config: ExportConfig, say: Callable[[str], None] = print) -> Expo
     if config.num_check_images < 1:
         raise ExportError(f"need at least one check image, got {config.num_check_images}")
     started = time.perf_counter()
-    model, meta = load_model(Path(config.run_dir))
+    model, meta = load_model(Path(config.run_dir), config.tta)
     preprocessing = Preprocessing.from_dict(meta["preprocessing"])
     labels, batch = check_batch(config, meta, preprocessing)
     path = config.output_path()
@@ -131,11 +132,17 @@ def export_metadata(meta: dict, digest: str = "") -> dict[str, str]:
         "class_names": json.dumps(list(meta["class_names"])),
         "preprocessing": json.dumps(meta["preprocessing"]),
         "input": f"{INPUT_NAME}: float32 (N, 3, H, W), RGB scaled to [0, 1] then normalised as in preprocessing",
-        "output": f"{OUTPUT_NAME}: float32 (N, num_classes), before softmax, in class_names order",
+        "output": f"{OUTPUT_NAME}: float32 (N, num_classes), before softmax, in class_names order"
+        + (" (log of averaged probabilities: a softmax gives them back)" if _averages(meta) else ""),
+        "tta": meta.get("tta", "none"),
     }
     if digest:
         values["model_sha256"] = digest
     return values
+
+
+def _averages(meta: dict) -> bool:
+    return meta["architecture"] == "ensemble" or meta.get("tta", "none") != "none"
 
 
 def read_onnx_metadata(path: str | os.PathLike) -> dict[str, str]:
@@ -170,7 +177,7 @@ def _write_onnx(model, meta: dict, metadata: dict[str, str], path: Path) -> None
                 str(raw),
                 input_names=[INPUT_NAME],
                 output_names=[OUTPUT_NAME],
-                dynamic_shapes={"x": {0: batch}},
+                dynamic_shapes=({0: batch},),
                 opset_version=ONNX_OPSET,
                 dynamo=True,
                 external_data=False,
@@ -316,13 +323,19 @@ def model_digest(run_dir: Path) -> str:
 
 
 def cached_export(
-    run_dir: str | os.PathLike, fmt: str, cache_dir: Path, say: Callable[[str], None] | None = None
+    run_dir: str | os.PathLike,
+    fmt: str,
+    cache_dir: Path,
+    say: Callable[[str], None] | None = None,
+    tta: str | None = None,
 ) -> Path:
-    """The run exported to ``fmt`` under ``cache_dir/exports``, exporting once per distinct model file."""
+    """The run exported to ``fmt`` under ``cache_dir/exports``, exporting once per distinct model and TTA."""
     run_dir = Path(run_dir)
-    model, meta = load_model(run_dir)
+    model, meta = load_model(run_dir, tta)
     digest = model_digest(run_dir)
-    described = json.dumps([meta["architecture"], meta["class_names"], meta["preprocessing"], __version__])
+    described = json.dumps(
+        [meta["architecture"], meta["class_names"], meta["preprocessing"], meta["tta"], __version__]
+    )
     key = hashlib.sha256((digest + described).encode()).hexdigest()[:20]
     path = Path(cache_dir) / "exports" / f"{meta['architecture']}-{key}" / FILE_NAMES[fmt]
     if path.is_file():
@@ -353,7 +366,10 @@ INT8_CHECK_IMAGES = 200
 
 
 def cached_int8_export(
-    run_dir: str | os.PathLike, cache_dir: Path, say: Callable[[str], None] | None = None
+    run_dir: str | os.PathLike,
+    cache_dir: Path,
+    say: Callable[[str], None] | None = None,
+    tta: str | None = None,
 ) -> tuple[Path, str]:
     """(int8 IR, one-line summary of its agreement with fp32); quantizes once per model, refuses if it disagrees.
 
@@ -361,7 +377,7 @@ def cached_int8_export(
     validation images, and the int8 model is kept only if its top-1 matches fp32 on >= 99% of them.
     The verdict is cached either way, so a refused model is not quantized again on every load.
     """
-    fp32_ir = cached_export(run_dir, "openvino", cache_dir, say)
+    fp32_ir = cached_export(run_dir, "openvino", cache_dir, say, tta)
     path, verdict_path = fp32_ir.with_name("model-int8.xml"), fp32_ir.with_name("model-int8.json")
     if verdict_path.is_file():
         verdict = json.loads(verdict_path.read_text())
@@ -373,7 +389,7 @@ def cached_int8_export(
         import nncf
     except ImportError:
         raise ExportError("--precision int8 needs NNCF: pip install nncf") from None
-    model, meta = load_model(Path(run_dir))
+    model, meta = load_model(Path(run_dir), tta)
     transform = Preprocessing.from_dict(meta["preprocessing"]).eval_transform()
 
     def batch_of(split: str, count: int, purpose: str) -> np.ndarray:

@@ -41,8 +41,16 @@ class PretrainedSource:
     crop_size: int | None = None  # resolution the weights were trained at, when known
     resize_size: int | None = None
     card: dict = field(default_factory=dict)
+    members: list[PretrainedSource] = field(default_factory=list)  # a fused model: one source per backbone
 
     def to_dict(self) -> dict:
+        if self.members:
+            return {
+                "kind": "fused",
+                "description": self.description,
+                "crop_size": self.crop_size,
+                "members": [member.to_dict() for member in self.members],
+            }
         return {
             "kind": self.kind,
             "description": self.description,
@@ -53,16 +61,60 @@ class PretrainedSource:
         }
 
 
+def fused_members(arch: str) -> list[str]:
+    """The backbones of a fused architecture ("resnet50+resnet101"), or [arch] for a single one."""
+    return arch.split("+")
+
+
 def check_architecture(arch: str) -> None:
-    if arch not in ARCHITECTURES:
-        raise ConfigError(f"unknown model {arch!r}: choose one of {', '.join(ARCHITECTURES)}")
+    members = fused_members(arch)
+    for member in members:
+        if member not in ARCHITECTURES:
+            raise ConfigError(
+                f"unknown model {member!r}: choose one of {', '.join(ARCHITECTURES)}, "
+                "or two joined by '+' (e.g. resnet50+resnet101) for one network holding both"
+            )
+    if len(members) > 1 and len(set(members)) != len(members):
+        raise ConfigError(f"a fused model needs distinct backbones, got {arch!r}")
+
+
+class FusedResNet(nn.Module):
+    """Several ResNet backbones side by side: their pooled features, concatenated, feed one linear head.
+
+    Unlike a late-fusion ensemble, the head learns how to weigh each backbone's features per class, and
+    fine-tuning trains all of it end to end. State-dict keys are ``backbones.<i>.<torchvision key>`` and ``fc.*``.
+    """
+
+    def __init__(self, archs: list[str], num_classes: int, dropout: float = 0.0):
+        super().__init__()
+        backbones, in_features = [], 0
+        for arch in archs:
+            backbone = getattr(tv_models, arch)(weights=None)
+            in_features += backbone.fc.in_features
+            backbone.fc = nn.Identity()
+            backbones.append(backbone)
+        self.archs = list(archs)
+        self.backbones = nn.ModuleList(backbones)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.fc = nn.Linear(in_features, num_classes)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.cat([backbone(images) for backbone in self.backbones], dim=1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.dropout(self.features(images)))
 
 
 def build_model(arch: str, num_classes: int, dropout: float = 0.0) -> nn.Module:
-    """A torchvision ResNet with an N-class head; dropout sits in the pooling so state-dict keys stay torchvision's."""
+    """A torchvision ResNet with an N-class head; dropout sits in the pooling so state-dict keys stay torchvision's.
+
+    ``"resnet50+resnet101"`` builds a FusedResNet: both backbones, one head on their concatenated features.
+    """
     check_architecture(arch)
     if not 0.0 <= dropout < 1.0:
         raise ConfigError(f"dropout must be in [0, 1), got {dropout}")
+    if len(fused_members(arch)) > 1:
+        return FusedResNet(fused_members(arch), num_classes, dropout)
     model = getattr(tv_models, arch)(weights=None, num_classes=num_classes)
     if dropout > 0:
         model.avgpool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Dropout(dropout))
@@ -172,13 +224,48 @@ def _load_file(path: Path) -> PretrainedSource:
 
 
 def load_pretrained(arch: str, weights: str) -> PretrainedSource:
-    """Resolve ``--weights``: 'imagenet' (torchvision's API and cache), 'none', or a state-dict file."""
+    """Resolve ``--weights``: 'imagenet' (torchvision's API and cache), 'none', or a state-dict file.
+
+    A fused model takes one source per backbone, comma-separated in backbone order ("A.pth,B.pth"), or
+    one word ('imagenet', 'none') for all of them.
+    """
     check_architecture(arch)
+    if len(fused_members(arch)) > 1:
+        return _load_fused(fused_members(arch), weights)
     if weights == "imagenet":
         return _load_imagenet(arch)
     if weights in ("none", "scratch", ""):
         return PretrainedSource(kind="none", description="none (trained from scratch)")
     return _load_file(Path(weights).expanduser())
+
+
+def _load_fused(archs: list[str], weights: str) -> PretrainedSource:
+    parts = [part.strip() for part in weights.split(",")]
+    if len(parts) == 1:
+        parts = parts * len(archs)
+    if len(parts) != len(archs):
+        raise ConfigError(
+            f"{'+'.join(archs)} needs {len(archs)} weights, one per backbone (--weights A,B), got {weights!r}"
+        )
+    members = [load_pretrained(arch, part) for arch, part in zip(archs, parts, strict=True)]
+    first = members[0]
+    for arch, member in zip(archs[1:], members[1:], strict=True):
+        if (member.mean, member.std) != (first.mean, first.std):
+            raise WeightsError(
+                f"the {archs[0]} and {arch} sources were trained with different normalisation "
+                f"({first.mean}/{first.std} vs {member.mean}/{member.std}); one fused input cannot suit both"
+            )
+    sizes = [m.crop_size for m in members if m.crop_size]
+    kinds = {m.kind for m in members}
+    return PretrainedSource(
+        kind=kinds.pop() if len(kinds) == 1 else "mixed",
+        description=" + ".join(f"{arch}: {m.description}" for arch, m in zip(archs, members, strict=True)),
+        mean=first.mean,
+        std=first.std,
+        crop_size=max(sizes) if sizes else None,
+        resize_size=first.resize_size,
+        members=members,
+    )
 
 
 def is_head_key(key: str) -> bool:
@@ -187,6 +274,10 @@ def is_head_key(key: str) -> bool:
 
 def apply_pretrained(model: nn.Module, source: PretrainedSource) -> None:
     """Copy the backbone from ``source`` into ``model``; the head is new, whatever size the source's was."""
+    if isinstance(model, FusedResNet):
+        for backbone, member in zip(model.backbones, source.members, strict=True):
+            apply_pretrained(backbone, member)
+        return
     if source.state_dict is None:
         return
     own = model.state_dict()
@@ -217,11 +308,24 @@ def head(model: nn.Module) -> nn.Linear:
     return model.fc
 
 
-def backbone_blocks(model: nn.Module) -> Iterator[tuple[str, list[nn.Module]]]:
-    """The backbone in order, as (block name, modules): stem, layer1..layer4."""
-    yield "stem", [model.conv1, model.bn1]
-    for name in BLOCKS[1:]:
-        yield name, [getattr(model, name)]
+def backbones(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, ResNet) for each backbone: the model itself, or each member of a fused model."""
+    if isinstance(model, FusedResNet):
+        return [(arch, backbone) for arch, backbone in zip(model.archs, model.backbones, strict=True)]
+    return [("", model)]
+
+
+def backbone_blocks(model: nn.Module) -> Iterator[tuple[str, int, list[nn.Module]]]:
+    """Every backbone in order from input to output, as (block name, depth 0..4, modules): stem, layer1..layer4.
+
+    In a fused model each backbone yields its own five blocks (named ``resnet50.layer3`` etc.), so each
+    gets the same layer-wise learning-rate profile.
+    """
+    for prefix, backbone in backbones(model):
+        name = f"{prefix}." if prefix else ""
+        yield f"{name}stem", 0, [backbone.conv1, backbone.bn1]
+        for depth, block in enumerate(BLOCKS[1:], start=1):
+            yield f"{name}{block}", depth, [getattr(backbone, block)]
 
 
 def set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
@@ -244,10 +348,10 @@ def layerwise_param_groups(
     Norm weights and biases get no weight decay: decaying them only fights the normalisation.
     """
     groups: list[dict] = []
-    named_blocks = list(backbone_blocks(model)) + [("head", [model.fc])]
-    depth = len(named_blocks) - 1
-    for index, (name, modules) in enumerate(named_blocks):
-        lr = head_lr * layer_decay ** (depth - index)
+    head_depth = len(BLOCKS)
+    named_blocks = list(backbone_blocks(model)) + [("head", head_depth, [model.fc])]
+    for name, depth, modules in named_blocks:
+        lr = head_lr * layer_decay ** (head_depth - depth)
         decay, no_decay = [], []
         for module in modules:
             for param_name, param in module.named_parameters():
@@ -266,6 +370,8 @@ def feature_dim(model: nn.Module) -> int:
 
 def forward_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Pooled backbone features (the head's input), for the cached head-training stage."""
+    if isinstance(model, FusedResNet):
+        return model.features(images)
     x = model.conv1(images)
     x = model.maxpool(model.relu(model.bn1(x)))
     x = model.layer4(model.layer3(model.layer2(model.layer1(x))))

@@ -49,6 +49,7 @@ class InferenceConfig:
     backend: str = "auto"  # auto | torch | onnxruntime | openvino
     performance_hint: str = "LATENCY"  # OpenVINO: LATENCY (one request, all cores) or THROUGHPUT
     cache_dir: str | None = None  # on-the-fly exports; default $RESFIT_CACHE or ~/.cache/resfit
+    tta: str | None = None  # test-time augmentation: None = the run's stored setting (see runfolder.with_tta)
 
 
 class Classifier:
@@ -98,17 +99,19 @@ class Classifier:
         )
         runtime = replace(runtime, precision=choice.precision) if runtime.device == "cpu" else runtime
         apply_threads(runtime)
-        model, meta = load_model(Path(run_dir))
+        model, meta = load_model(Path(run_dir), config.tta)
         cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
         if choice.name == "onnxruntime":
-            engine = OnnxRuntimeBackend(cached_export(run_dir, "onnx", cache_dir, say), runtime.threads)
+            engine = OnnxRuntimeBackend(
+                cached_export(run_dir, "onnx", cache_dir, say, config.tta), runtime.threads
+            )
         elif choice.name == "openvino" and choice.precision == "int8":
-            ir, summary = cached_int8_export(run_dir, cache_dir, say)
+            ir, summary = cached_int8_export(run_dir, cache_dir, say, config.tta)
             engine = OpenVinoBackend(ir, runtime.threads, "int8", choice.performance_hint)
             choice = replace(choice, reason=f"{choice.reason}; {summary}")
         elif choice.name == "openvino":
             engine = OpenVinoBackend(
-                cached_export(run_dir, "openvino", cache_dir, say),
+                cached_export(run_dir, "openvino", cache_dir, say, config.tta),
                 runtime.threads,
                 choice.precision,
                 choice.performance_hint,
@@ -118,8 +121,12 @@ class Classifier:
         return cls(model, meta, runtime, engine, choice, run_dir)
 
     def describe(self) -> str:
-        """One line: the backend, its precision and why, and the machine it runs on."""
-        return f"{self.choice.describe()} [{self.runtime.cpu.describe()}; {self.runtime.threads} threads]"
+        """One line: the backend, its precision and why, test-time augmentation, and the machine it runs on."""
+        tta = self.meta.get("tta", "none")
+        views = "" if tta == "none" else f"; TTA {tta} at {self.meta.get('tta_sizes')} px"
+        return (
+            f"{self.choice.describe()}{views} [{self.runtime.cpu.describe()}; {self.runtime.threads} threads]"
+        )
 
     def logits_module(self) -> tuple[torch.nn.Module, Runtime]:
         """The chosen backend as a module plus the runtime to call it with, for evaluate_split's loop."""

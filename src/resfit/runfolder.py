@@ -15,11 +15,15 @@ from .data.transforms import Preprocessing
 from .errors import RunFolderError
 from .fileio import atomic_write, atomic_write_json
 from .models import build_model
+from .wrappers import EnsembleModel, TTAWrapper, check_tta, tta_sizes
 
 FORMAT = "resfit-run"
 FORMAT_VERSION = 1
 MODEL_WEIGHTS = "model.safetensors"
 MODEL_META = "model.json"
+ENSEMBLE = (
+    "ensemble"  # model.json "architecture" of a late-fusion ensemble; its members are listed in "members"
+)
 
 
 def library_versions() -> dict[str, str]:
@@ -89,14 +93,49 @@ def read_meta(run_dir: Path) -> dict:
     return meta
 
 
-def load_model(run_dir: Path) -> tuple[nn.Module, dict]:
-    """The trained model in eval mode on CPU, and its metadata."""
+def build_from_meta(meta: dict) -> nn.Module:
+    """The untrained module model.json describes: one network, a fused one, or an ensemble of members."""
+    if meta["architecture"] == ENSEMBLE:
+        members = meta["members"]
+        return EnsembleModel(
+            [build_from_meta(member) for member in members],
+            [float(member["weight"]) for member in members],
+            (meta["preprocessing"]["mean"], meta["preprocessing"]["std"]),
+            [(m["preprocessing"]["mean"], m["preprocessing"]["std"]) for m in members],
+        )
+    return build_model(meta["architecture"], meta["num_classes"], float(meta.get("dropout", 0.0)))
+
+
+def with_tta(model: nn.Module, meta: dict, tta: str | None) -> tuple[nn.Module, dict]:
+    """``model`` wrapped in the test-time augmentation ``tta`` asks for (None: the run's stored setting).
+
+    The returned meta's "preprocessing" is what the returned module's input must be (multi-scale TTA
+    takes a larger crop of the same field of view); the run's own is kept as "base_preprocessing".
+    """
+    mode = check_tta(tta if tta is not None else meta.get("tta") or "none")
+    meta = dict(meta, tta=mode)
+    if mode == "none":
+        return model, meta
+    base = Preprocessing.from_dict(meta["preprocessing"])
+    sizes = tta_sizes(mode, base.crop_size)
+    largest = max(sizes)
+    resize = round(base.resize_size * largest / base.crop_size)
+    wrapped_input = Preprocessing(largest, resize, base.mean, base.std, base.interpolation)
+    meta.update(
+        base_preprocessing=meta["preprocessing"], preprocessing=wrapped_input.to_dict(), tta_sizes=sizes
+    )
+    return TTAWrapper(model, mode, sizes), meta
+
+
+def load_model(run_dir: Path, tta: str | None = None) -> tuple[nn.Module, dict]:
+    """The trained model in eval mode on CPU, and its metadata; see ``with_tta`` for ``tta``."""
     run_dir = Path(run_dir)
     meta = read_meta(run_dir)
-    model = build_model(meta["architecture"], meta["num_classes"], float(meta.get("dropout", 0.0)))
+    model = build_from_meta(meta)
     state = load_file(str(run_dir / MODEL_WEIGHTS))
     try:
         model.load_state_dict(state)
     except RuntimeError as error:
         raise RunFolderError(f"{run_dir / MODEL_WEIGHTS} does not match model.json: {error}") from error
+    model, meta = with_tta(model.eval(), meta, tta)
     return model.eval(), meta

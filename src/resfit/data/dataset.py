@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
-from ..errors import ImageReadError
+from ..errors import DataError, ImageReadError
 from .sources import DatasetSource
+
+if TYPE_CHECKING:
+    from .decoded_cache import DecodedImages
 
 log = logging.getLogger(__name__)
 # How many neighbours to try before giving up on a run of unreadable files.
@@ -16,15 +20,24 @@ _MAX_SUBSTITUTES = 16
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Yields (image tensor, label). Files were checked up front; one that changed since is replaced by a neighbour."""
+    """Yields (image tensor, label). Files were checked up front; one that changed since is replaced by a neighbour.
 
-    def __init__(self, source: DatasetSource, split: str, transform: Callable):
+    With ``decoded`` (the split's DecodedImages), images come pre-resized from that cache instead of
+    being decoded from their files; everything else is the same.
+    """
+
+    def __init__(
+        self, source: DatasetSource, split: str, transform: Callable, decoded: DecodedImages | None = None
+    ):
         self.source = source
         self.split = split
         self.items = source.splits[split].items
         self.labels = source.splits[split].labels
         self.transform = transform
         self.augment_seed: int | None = None
+        if decoded is not None and len(decoded) != len(self.items):
+            raise DataError(f"decoded cache has {len(decoded)} images, the {split} split {len(self.items)}")
+        self.decoded = decoded
 
     def set_epoch(self, seed: int, epoch: int) -> None:
         """Tie each image's random augmentation to (seed, epoch, index), not to a process's RNG stream.
@@ -48,7 +61,10 @@ class ImageDataset(torch.utils.data.Dataset):
         for attempt in range(_MAX_SUBSTITUTES):
             i = (index + attempt) % len(self.items)
             try:
-                image, _ = self.source.read(self.items[i])
+                if self.decoded is not None:
+                    image = self.decoded.image(i)
+                else:
+                    image, _ = self.source.read(self.items[i])
             except (ImageReadError, OSError) as error:
                 log.warning("skipping %s during %s: %s", self.items[i], self.split, error)
                 continue

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from ..data.decoded_cache import MODES as DECODED_CACHE_MODES
 from ..data.transforms import AUGMENTATIONS
 from ..errors import ConfigError
 from ..hardware import PRECISIONS
 from ..models import check_architecture
+from ..wrappers import TTA_MODES
+from .recipe import BALANCE_MODES
 
 OPTIMIZERS = ("adamw", "sgd")
 BN_MODES = ("frozen", "train")
@@ -20,6 +23,7 @@ class TrainConfig:
 
     ``lr`` is the head's learning rate in stage 2; each backbone block below gets ``layer_decay`` times less.
     ``None`` means "chosen for you": image size from the weights, batch size from the device, lr per optimizer.
+    ``lr="auto"`` runs a learning-rate range test after the head stage and records the lr it suggests.
     """
 
     data: str = ""
@@ -28,7 +32,7 @@ class TrainConfig:
     epochs: int = 6
     img_size: int | None = None
     batch_size: int | None = None
-    lr: float | None = None
+    lr: float | str | None = None  # a number, None (the optimizer's default) or "auto" (a range test)
     optimizer: str = "adamw"
     weight_decay: float = 0.05
     layer_decay: float = 0.5
@@ -43,7 +47,16 @@ class TrainConfig:
     feature_cache: bool = (
         True  # reuse the head stage's pooled features across runs (see data/feature_cache.py)
     )
+    decoded_cache: str = "auto"  # auto | on | off: pre-resized images in a memory map (data/decoded_cache.py)
     patience: int = 3
+    multi_scale: bool = False  # progressive resizing over --train-sizes (default 0.75x, 0.875x, 1x img-size)
+    train_sizes: list[int] | None = None
+    ema: bool = False  # validate and keep an exponential moving average of the weights
+    ema_decay: float | None = None  # None: a half-life of one epoch
+    mixup: float = 0.0  # Beta alpha; 0 = off
+    cutmix: float = 0.0  # Beta alpha; 0 = off
+    balance: str = "none"  # none | sampler (class-balanced batches) | loss (inverse-frequency weights)
+    tta: str = "none"  # stored with the model: predict, evaluate, export and the service all apply it
     seed: int = 0
     val_fraction: float = 0.2
     device: str = "auto"
@@ -63,11 +76,29 @@ class TrainConfig:
                 self.batch_size is None or self.batch_size >= 1,
                 f"batch-size must be >= 1, got {self.batch_size}",
             ),
-            (self.lr is None or self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (
+                self.lr in (None, "auto") or (isinstance(self.lr, int | float) and self.lr > 0),
+                f"lr must be > 0 or 'auto', got {self.lr!r}",
+            ),
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}"),
+            (self.tta in TTA_MODES, f"tta must be one of {TTA_MODES}, got {self.tta!r}"),
+            (self.balance in BALANCE_MODES, f"balance must be one of {BALANCE_MODES}, got {self.balance!r}"),
+            (self.mixup >= 0 and self.cutmix >= 0, "mixup and cutmix alphas must be >= 0"),
+            (
+                self.ema_decay is None or 0 < self.ema_decay < 1,
+                f"ema-decay must be in (0, 1), got {self.ema_decay}",
+            ),
+            (
+                not self.train_sizes or all(int(s) >= 32 for s in self.train_sizes),
+                f"train-sizes must all be >= 32, got {self.train_sizes}",
+            ),
             (self.bn in BN_MODES, f"bn must be one of {BN_MODES}, got {self.bn!r}"),
             (self.augment in AUGMENTATIONS, f"augment must be one of {AUGMENTATIONS}, got {self.augment!r}"),
             (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}"),
+            (
+                self.decoded_cache in DECODED_CACHE_MODES,
+                f"decoded-cache must be one of {DECODED_CACHE_MODES}, got {self.decoded_cache!r}",
+            ),
             (0 < self.layer_decay <= 1, f"layer-decay must be in (0, 1], got {self.layer_decay}"),
             (0 <= self.label_smoothing < 1, f"label-smoothing must be in [0, 1), got {self.label_smoothing}"),
             (0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}"),

@@ -18,6 +18,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..data.dataset import ImageDataset
+from ..data.decoded_cache import DecodedImages
 from ..data.sources import DatasetSource
 from ..data.transforms import Preprocessing
 from ..evaluate import eval_loader, to_device
@@ -48,10 +49,14 @@ def extract_features(
     num_workers: int,
     progress: bool,
     indices: list[int] | None = None,
+    decoded: DecodedImages | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Pooled backbone features of a split (or of its ``indices``), eval transform, BatchNorm in eval mode."""
+    """Pooled backbone features of a split (or of its ``indices``), eval transform, BatchNorm in eval mode.
+
+    ``decoded``: the split's decoded-image cache at the eval resize size (the same pixels, no decoding).
+    """
     model.eval()
-    dataset = ImageDataset(source, split, preprocessing.eval_transform())
+    dataset = ImageDataset(source, split, preprocessing.eval_transform(), decoded=decoded)
     if indices is not None:
         dataset = torch.utils.data.Subset(dataset, indices)
     loader = eval_loader(dataset, num_workers)

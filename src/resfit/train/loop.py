@@ -23,6 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..data.dataset import ImageDataset
+from ..data.decoded_cache import decoded_caches
 from ..data.feature_cache import FeatureCache, content_fingerprint, feature_key, weights_fingerprint
 from ..data.scan import load_dataset
 from ..data.transforms import Preprocessing
@@ -36,7 +37,7 @@ from ..distributed import (
     shutdown,
     sum_across,
 )
-from ..errors import RunFolderError
+from ..errors import ConfigError, RunFolderError
 from ..evaluate import (
     eval_loader,
     evaluate_split,
@@ -56,9 +57,22 @@ from ..models import (
     set_backbone_trainable,
 )
 from ..reports import format_metrics_table, plot_training_curves
-from ..runfolder import build_model_meta, load_model, write_model
+from ..runfolder import MODEL_META, build_model_meta, load_model, read_meta, write_model
 from .config import TrainConfig
 from .head import extract_features, fit_probe_head, head_logits
+from .lr_find import auto_lr
+from .recipe import (
+    balanced_class_weights,
+    balanced_sample_weights,
+    batch_for_size,
+    batch_mixing,
+    class_counts,
+    default_train_sizes,
+    ema_decay_for,
+    epoch_sizes,
+    imbalance_ratio,
+    make_ema,
+)
 from .state import load_state, restore, save_state
 
 TRAIN_CONFIG = "train_config.json"
@@ -149,6 +163,7 @@ class Trainer:
         self.started = time.perf_counter()
         self.dist = DistContext()
         self._weights_fingerprint: str | None = None
+        self.ema = None  # --ema: the averaged copy that is validated and kept
 
     # -- set-up -------------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -177,6 +192,13 @@ class Trainer:
         self.say(self.report.summary_line())
         for note in self.source.notes:
             self.say(f"note: {note}")
+        counts = class_counts(self.source.splits["train"].labels, len(self.source.class_names))
+        ratio = imbalance_ratio(counts)
+        if ratio >= 3 and config.balance == "none":
+            self.say(
+                f"warning: training classes are unequal (largest {counts.max()} images, smallest "
+                f"{counts[counts > 0].min()}: {ratio:.1f}x); consider --balance sampler or --balance loss"
+            )
         self.pretrained = load_pretrained(config.model, config.weights)
         self.say(f"weights: {self.pretrained.description}")
         # Resolve every "chosen for you" value once and store it, so a resumed run uses the same ones.
@@ -186,6 +208,12 @@ class Trainer:
             config.num_workers = default_num_workers(self.runtime)
         if config.lr is None:
             config.lr = config.head_lr
+        elif config.lr == "auto" and self.dist.enabled:
+            # One process runs the range test while the others wait: SyncBatchNorm would hang on it.
+            raise ConfigError(
+                "--lr auto is for single-process runs: run `resfit lr-find` with the same flags, "
+                "then pass the lr it suggests to torchrun as --lr"
+            )
         self.preprocessing = Preprocessing.for_size(
             config.img_size, self.pretrained.mean, self.pretrained.std
         )
@@ -209,16 +237,27 @@ class Trainer:
             self.preprocessing,
             config.dropout,
             precision=self.runtime.precision,
+            tta=config.tta,
             runtime=self.runtime.to_dict(),
             pretrained=self.pretrained.to_dict(),
             data={"path": str(Path(config.data).resolve()), "layout": self.source.layout},
             training_config=config.to_dict(),
         )
-        self.pretrained.state_dict = None  # the backbone is in the model now; free the copy
+        for source in [self.pretrained, *self.pretrained.members]:
+            source.state_dict = None  # the backbone is in the model now; free the copy
         self.say(
             f"model: {config.model}, {len(self.source.class_names)} classes, {config.img_size} px, batch {config.batch_size}, "
-            f"{config.optimizer} lr {config.lr:g} (layer decay {config.layer_decay}), {config.epochs} fine-tuning epochs"
+            f"{config.optimizer} lr {config.lr if config.lr == 'auto' else format(config.lr, 'g')} (layer decay {config.layer_decay}), {config.epochs} fine-tuning epochs"
         )
+        # Under DDP rank 0 builds the decoded images first and the others then map the same files, so
+        # every process (and a single-process run) trains on the same pixels.
+        if not self.dist.is_main:
+            barrier(self.dist)
+        self.decoded = decoded_caches(
+            self.source, self.preprocessing, config.decoded_cache, say=self.say, progress=not config.quiet
+        )
+        if self.dist.is_main:
+            barrier(self.dist)
 
     def _seed(self) -> None:
         seed = self.config.seed
@@ -286,11 +325,24 @@ class Trainer:
             self.config.num_workers,
             progress,
             indices=indices.tolist() if self.dist.enabled else None,
+            decoded=self.decoded.get(split),
         )
         combined = gather_rows(self.dist, np.column_stack([features, labels]), indices)
         return combined[:, :-1].astype(np.float32), combined[:, -1].astype(np.int64)
 
     # -- stage 2 --------------------------------------------------------------------------------
+    def choose_lr(self) -> None:
+        """``--lr auto``: the range test (train/lr_find.py) picks the lr; it is saved so a resume reuses it."""
+        self.config.lr = auto_lr(self)
+        self.meta["training_config"] = self.config.to_dict()
+        if self.dist.is_main:
+            atomic_write_json(self.run_dir / TRAIN_CONFIG, self.config.to_dict())
+            if (
+                self.run_dir / MODEL_META
+            ).is_file():  # the head stage's model was kept before the lr was known
+                meta = read_meta(self.run_dir) | {"training_config": self.config.to_dict()}
+                atomic_write_json(self.run_dir / MODEL_META, meta)
+
     def make_optimizer(self) -> torch.optim.Optimizer:
         config = self.config
         set_backbone_trainable(self.model, True)
@@ -301,13 +353,38 @@ class Trainer:
             return torch.optim.SGD(groups, lr=config.lr, momentum=0.9, nesterov=True)
         return torch.optim.AdamW(groups, lr=config.lr)
 
-    def train_epoch(self, epoch: int, optimizer, scaler, network, train_set, criterion) -> tuple:
+    def epoch_plan(self, train_size: int) -> list[dict]:
+        """Per fine-tuning epoch: its image size, batch size and batch sampler (fixed by seed and epoch)."""
+        config = self.config
+        if config.multi_scale or config.train_sizes:
+            sizes = epoch_sizes(config.train_sizes or default_train_sizes(config.img_size), config.epochs)
+        else:
+            sizes = [config.img_size] * config.epochs
+        weights = None
+        if config.balance == "sampler":
+            labels = self.source.splits["train"].labels
+            weights = balanced_sample_weights(labels, class_counts(labels, len(self.source.class_names)))
+        plan = []
+        for epoch, size in enumerate(sizes, start=1):
+            batch = batch_for_size(config.batch_size, config.img_size, size, self.dist.world_size)
+            sampler = GlobalBatchSampler(train_size, batch, self.dist, config.seed, epoch, weights)
+            plan.append({"size": size, "batch": batch, "sampler": sampler})
+        return plan
+
+    def train_epoch(
+        self, epoch: int, optimizer, scaler, network, train_set, criterion, plan: list[dict]
+    ) -> tuple:
         config, runtime = self.config, self.runtime
-        sampler = GlobalBatchSampler(len(train_set), config.batch_size, self.dist, config.seed, epoch)
+        sampler = plan[epoch - 1]["sampler"]
         global_sizes = sampler.global_batch_sizes()
         loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=config.num_workers)
-        steps = len(loader)
-        total, warmup = config.epochs * steps, round(config.warmup_epochs * steps)
+        # One warm-up + cosine schedule over every step of every epoch (epochs may differ in batch size).
+        steps_before = sum(len(p["sampler"]) for p in plan[: epoch - 1])
+        total, warmup = (
+            sum(len(p["sampler"]) for p in plan),
+            round(config.warmup_epochs * len(plan[0]["sampler"])),
+        )
+        mixing = batch_mixing(config.mixup, config.cutmix, len(self.source.class_names))
         network.train()
         if config.bn == "frozen":
             freeze_batchnorm(self.model)
@@ -317,20 +394,30 @@ class Trainer:
             loader, desc=f"epoch {epoch}/{config.epochs}", leave=False, disable=config.quiet, unit="batch"
         )
         for step, (images, labels) in enumerate(bar):
-            factor = cosine_with_warmup((epoch - 1) * steps + step, total, warmup)
+            factor = cosine_with_warmup(steps_before + step, total, warmup)
             for group in optimizer.param_groups:
                 group["lr"] = group["initial_lr"] * factor
             lr = config.lr * factor
-            images, labels = to_device(images, runtime), labels.to(runtime.device)
+            # Mixed batches train on soft targets; accuracy is still counted against each image's own label.
+            targets = labels
+            if mixing is not None:
+                images, targets = mixing(images, labels)
+            images, labels, targets = (
+                to_device(images, runtime),
+                labels.to(runtime.device),
+                targets.to(runtime.device),
+            )
             with runtime.autocast():
                 logits = network(images)
-            summed = criterion(logits.float(), labels)
+            summed = criterion(logits.float(), targets)
             # The mean over the *global* batch; DDP averages over processes, hence the world_size factor.
             loss = summed * (self.dist.world_size / global_sizes[step])
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
+            if self.ema is not None:
+                self.ema.update_parameters(self.model)
             loss_sum += summed.item()
             correct += (logits.argmax(1) == labels).sum().item()
             seen += len(labels)
@@ -343,14 +430,21 @@ class Trainer:
     def validate(self) -> tuple[float, float]:
         """Validation loss and accuracy; under DDP each process scores a shard and all see the whole."""
         indices = self._shard("val")
-        dataset = ImageDataset(self.source, "val", self.preprocessing.eval_transform())
+        dataset = ImageDataset(
+            self.source, "val", self.preprocessing.eval_transform(), decoded=self.decoded.get("val")
+        )
         if self.dist.enabled:
             dataset = torch.utils.data.Subset(dataset, indices.tolist())
         loader = eval_loader(dataset, self.config.num_workers)
-        logits, labels = predict_logits(self.model, loader, self.runtime)
+        logits, labels = predict_logits(self.kept_model, loader, self.runtime)
         combined = gather_rows(self.dist, np.column_stack([logits, labels]), indices)
         logits, labels = combined[:, :-1], combined[:, -1].astype(np.int64)
         return cross_entropy(logits, labels), float((logits.argmax(1) == labels).mean())
+
+    @property
+    def kept_model(self) -> nn.Module:
+        """What is validated and saved: the EMA of the weights under --ema, else the weights themselves."""
+        return self.ema.module if self.ema is not None else self.model
 
     # -- the run ----------------------------------------------------------------------------------
     def run(self) -> RunResult | None:
@@ -389,8 +483,8 @@ class Trainer:
             if self.dist.is_main:
                 if improved:
                     best = {"best": {"epoch": row["epoch"], "val_accuracy": row["val_acc"]}}
-                    write_model(self.run_dir, self.model, self.meta | best)
-                save_state(self.run_dir, row["epoch"], self.model, optimizer, progress)
+                    write_model(self.run_dir, self.kept_model, self.meta | best)
+                save_state(self.run_dir, row["epoch"], self.model, optimizer, progress, self.ema)
                 write_history(self.run_dir, history)
             barrier(self.dist)
             self.say(epoch_line(row) + ("  *best" if progress["best_epoch"] == row["epoch"] else ""))
@@ -414,13 +508,22 @@ class Trainer:
                 None,
             )
 
+        if config.lr == "auto":  # the range test runs where fine-tuning starts: after the head stage
+            if state is not None:  # killed during the test: run it again from the saved head
+                restore(self.model, None, state, tensors)
+            self.choose_lr()
         optimizer = self.make_optimizer()
+        plan = self.epoch_plan(len(self.source.splits["train"].items)) if config.epochs else []
+        if config.ema and plan:
+            decay = ema_decay_for(len(plan[0]["sampler"]), config.ema_decay)
+            self.ema = make_ema(self.model, decay)
+            self.say(f"EMA of the weights, decay {decay:.4f} per step")
         if state is not None:
-            restore(self.model, optimizer, state, tensors)
+            restore(self.model, optimizer, state, tensors, self.ema)
             self.model.to(self.runtime.device, memory_format=torch.channels_last)
         start = (state["epoch"] if state else 0) + 1
         if not progress["done"] and start <= config.epochs:
-            self.fine_tune(optimizer, start, progress, record)
+            self.fine_tune(optimizer, start, progress, record, plan)
         progress["done"] = True
         barrier(self.dist)
         result = self.finish(history, progress) if self.dist.is_main else None
@@ -428,12 +531,22 @@ class Trainer:
         shutdown(self.dist)
         return result
 
-    def fine_tune(self, optimizer, start: int, progress: dict, record) -> None:
+    def fine_tune(self, optimizer, start: int, progress: dict, record, plan: list[dict]) -> None:
         config = self.config
         train_set = ImageDataset(
-            self.source, "train", self.preprocessing.train_transform(config.augment, config.min_crop_scale)
+            self.source,
+            "train",
+            self.preprocessing.train_transform(config.augment, config.min_crop_scale),
+            decoded=self.decoded.get("train"),
         )
-        criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing, reduction="sum")
+        class_weights = None
+        if config.balance == "loss":
+            labels = self.source.splits["train"].labels
+            counts = class_counts(labels, len(self.source.class_names))
+            class_weights = balanced_class_weights(counts).to(self.runtime.device)
+        criterion = nn.CrossEntropyLoss(
+            weight=class_weights, label_smoothing=config.label_smoothing, reduction="sum"
+        )
         network = self.model
         if self.dist.enabled:
             device_ids = [self.dist.local_rank] if self.runtime.device == "cuda" else None
@@ -446,8 +559,14 @@ class Trainer:
             # Batches and each image's augmentation derive from (seed, epoch): a resumed epoch, or N
             # processes sharing it, see exactly what one uninterrupted process would.
             train_set.set_epoch(config.seed, epoch)
+            size = plan[epoch - 1]["size"]
+            if size != config.img_size or config.multi_scale or config.train_sizes:
+                train_set.transform = Preprocessing.for_size(
+                    size, self.preprocessing.mean, self.preprocessing.std
+                ).train_transform(config.augment, config.min_crop_scale)
+                self.say(f"epoch {epoch}: training at {size} px, batch {plan[epoch - 1]['batch']}")
             train_loss, train_acc, lr, images_per_s = self.train_epoch(
-                epoch, optimizer, scaler, network, train_set, criterion
+                epoch, optimizer, scaler, network, train_set, criterion, plan
             )
             val_loss, val_acc = self.validate()
             record(
@@ -469,13 +588,14 @@ class Trainer:
 
     def finish(self, history: list[dict], progress: dict) -> RunResult:
         """Evaluate the kept (best) model exactly as `resfit evaluate` would, and write the reports."""
-        model, meta = load_model(self.run_dir)
+        model, meta = load_model(self.run_dir)  # with the run's test-time augmentation, if it has one
         model.to(self.runtime.device, memory_format=torch.channels_last)
+        preprocessing = Preprocessing.from_dict(meta["preprocessing"])
         splits = ["val"] + (["test"] if "test" in self.source.splits else [])
         results = {}
         for split in splits:
             metrics, probs = evaluate_split(
-                model, self.source, split, self.preprocessing, self.runtime, self.config.num_workers
+                model, self.source, split, preprocessing, self.runtime, self.config.num_workers
             )
             write_evaluation(
                 self.run_dir, metrics, probs, self.source, suffix="" if split == "val" else f"_{split}"

@@ -84,12 +84,15 @@ def save_state(
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None,
     progress: dict,
+    ema: nn.Module | None = None,
 ) -> None:
     """Save everything needed to continue after ``epoch`` (0 = after the head stage)."""
     folder = Path(run_dir) / RESUME_DIR
     rng_meta, rng_tensors = rng_state()
     optim_meta, optim_tensors = _optimizer_tensors(optimizer)
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if ema is not None:
+        tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in ema.state_dict().items()})
     tensors.update(optim_tensors)
     tensors.update(rng_tensors)
     weights_name = f"epoch-{epoch}.safetensors"
@@ -115,8 +118,16 @@ def load_state(run_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return state, tensors
 
 
-def restore(model: nn.Module, optimizer: torch.optim.Optimizer | None, state: dict, tensors: dict) -> None:
+def restore(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    state: dict,
+    tensors: dict,
+    ema: nn.Module | None = None,
+) -> None:
     model.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
+    if ema is not None and any(k.startswith("ema.") for k in tensors):
+        ema.load_state_dict({k[len("ema.") :]: v for k, v in tensors.items() if k.startswith("ema.")})
     if optimizer is not None and state.get("optimizer"):
         _restore_optimizer(optimizer, state["optimizer"], tensors)
     set_rng_state(state["rng"], tensors)

@@ -1,0 +1,101 @@
+"""The optional parts of the fine-tuning recipe: progressive multi-scale training, EMA, mixup/cutmix, balancing.
+
+Each is a small pure function or object the training loop calls; whether it is on by default follows the
+measurements in the README ("Recipe extras, measured").
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from ..errors import ConfigError
+from ..vision import torchvision  # noqa: F401 - registers the import shim before transforms.v2
+
+BALANCE_MODES = ("none", "sampler", "loss")
+# Warn when the largest training class has this many times the images of the smallest.
+IMBALANCE_WARNING_RATIO = 3.0
+# Multi-scale sizes, as fractions of the training size, when --multi-scale is given without --train-sizes.
+PROGRESSIVE_FRACTIONS = (0.75, 0.875, 1.0)
+
+
+def default_train_sizes(img_size: int) -> list[int]:
+    """Small to large, multiples of 8 (friendly to conv kernels), ending at the evaluation size."""
+    sizes = {max(32, 8 * round(img_size * f / 8)) for f in PROGRESSIVE_FRACTIONS[:-1]} | {img_size}
+    return sorted(sizes)
+
+
+def epoch_sizes(train_sizes: list[int], epochs: int) -> list[int]:
+    """Progressive resizing: the fine-tuning epochs split into len(sizes) runs, smallest size first.
+
+    Small images early are cheap and teach coarse features; the last epochs at the full size match the
+    evaluation size, so there is no train/test resolution gap at the end (fastai progressive resizing,
+    FixRes). Returns the size of each epoch 1..epochs.
+    """
+    sizes = sorted(train_sizes)
+    if epochs <= 1:
+        return [sizes[-1]] * epochs
+    # Evenly spread, first epoch at the smallest size and the last at the largest.
+    return [sizes[round(epoch * (len(sizes) - 1) / (epochs - 1))] for epoch in range(epochs)]
+
+
+def batch_for_size(batch_size: int, img_size: int, size: int, world_size: int = 1) -> int:
+    """Keep memory bounded: above the base size the batch shrinks with the pixel count; below it stays."""
+    if size <= img_size:
+        return batch_size
+    scaled = int(batch_size * (img_size / size) ** 2)
+    return max(world_size, scaled - scaled % world_size)
+
+
+def class_counts(labels: list[int], num_classes: int) -> np.ndarray:
+    return np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes)
+
+
+def imbalance_ratio(counts: np.ndarray) -> float:
+    present = counts[counts > 0]
+    return float(present.max() / present.min()) if len(present) else 1.0
+
+
+def balanced_class_weights(counts: np.ndarray) -> torch.Tensor:
+    """Inverse-frequency loss weights, mean 1 over the classes present, so the loss scale stays comparable."""
+    counts = counts.astype(np.float64)
+    weights = np.where(counts > 0, counts.sum() / (np.count_nonzero(counts) * np.maximum(counts, 1)), 0.0)
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def balanced_sample_weights(labels: list[int], counts: np.ndarray) -> np.ndarray:
+    """Per-image sampling weights 1/count(class): every class drawn equally often in expectation."""
+    return 1.0 / counts[np.asarray(labels, dtype=np.int64)].astype(np.float64)
+
+
+def batch_mixing(mixup: float, cutmix: float, num_classes: int):
+    """torchvision's MixUp and/or CutMix (one chosen per batch when both are on), or None when both are 0."""
+    if mixup < 0 or cutmix < 0:
+        raise ConfigError(f"mixup and cutmix are Beta alphas >= 0, got {mixup} and {cutmix}")
+    from torchvision.transforms import v2
+
+    choices = []
+    if mixup > 0:
+        choices.append(v2.MixUp(alpha=mixup, num_classes=num_classes))
+    if cutmix > 0:
+        choices.append(v2.CutMix(alpha=cutmix, num_classes=num_classes))
+    if not choices:
+        return None
+    return choices[0] if len(choices) == 1 else v2.RandomChoice(choices)
+
+
+def ema_decay_for(steps_per_epoch: int, decay: float | None) -> float:
+    """The given decay, or one whose half-life is one epoch: fine-tuning runs are short, so a fixed 0.9998
+    (ImageNet-length runs) would keep the EMA at its starting point."""
+    if decay is not None:
+        if not 0 < decay < 1:
+            raise ConfigError(f"ema-decay must be in (0, 1), got {decay}")
+        return decay
+    return 0.5 ** (1 / max(1, steps_per_epoch))
+
+
+def make_ema(model: nn.Module, decay: float) -> AveragedModel:
+    """An exponential moving average of the weights (and BatchNorm buffers), updated after every step."""
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
