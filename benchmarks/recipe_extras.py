@@ -32,6 +32,7 @@ VARIANTS = {
     "mixup": {"mixup": 0.2},
     "cutmix": {"cutmix": 1.0},
     "lr-auto": {"lr": "auto"},
+    "no-balance": {"balance": "none"},
     "sampler": {"balance": "sampler"},
     "loss": {"balance": "loss"},
     "no-decoded-cache": {"decoded_cache": "off"},

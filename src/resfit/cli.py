@@ -111,9 +111,10 @@ def _add_train_flags(p, weights_help: str) -> None:
     )
     p.add_argument(
         "--balance",
-        choices=("none", "sampler", "loss"),
+        choices=("auto", "none", "sampler", "loss"),
         default=defaults.balance,
-        help="unequal classes: class-balanced batches, or inverse-frequency loss weights",
+        help="unequal classes: class-balanced batches or inverse-frequency loss weights "
+        "(auto: batches balanced when the largest class has >= 3x the smallest's images)",
     )
     p.add_argument(
         "--no-feature-cache",

@@ -55,7 +55,9 @@ class TrainConfig:
     ema_decay: float | None = None  # None: a half-life of one epoch
     mixup: float = 0.0  # Beta alpha; 0 = off
     cutmix: float = 0.0  # Beta alpha; 0 = off
-    balance: str = "none"  # none | sampler (class-balanced batches) | loss (inverse-frequency weights)
+    # auto: class-balanced batches when the largest class has >= 3x the smallest's images, else none;
+    # sampler (class-balanced batches) | loss (inverse-frequency weights) | none
+    balance: str = "auto"
     tta: str = "none"  # stored with the model: predict, evaluate, export and the service all apply it
     seed: int = 0
     val_fraction: float = 0.2

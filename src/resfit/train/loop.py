@@ -62,6 +62,8 @@ from .config import TrainConfig
 from .head import extract_features, fit_probe_head, head_logits
 from .lr_find import auto_lr
 from .recipe import (
+    AUTO_BALANCE,
+    IMBALANCE_WARNING_RATIO,
     balanced_class_weights,
     balanced_sample_weights,
     batch_for_size,
@@ -194,11 +196,16 @@ class Trainer:
             self.say(f"note: {note}")
         counts = class_counts(self.source.splits["train"].labels, len(self.source.class_names))
         ratio = imbalance_ratio(counts)
-        if ratio >= 3 and config.balance == "none":
-            self.say(
-                f"warning: training classes are unequal (largest {counts.max()} images, smallest "
-                f"{counts[counts > 0].min()}: {ratio:.1f}x); consider --balance sampler or --balance loss"
-            )
+        unequal = (
+            f"training classes are unequal (largest {counts.max()} images, smallest "
+            f"{counts[counts > 0].min()}: {ratio:.1f}x)"
+        )
+        if config.balance == "auto":
+            config.balance = AUTO_BALANCE if ratio >= IMBALANCE_WARNING_RATIO else "none"
+            if config.balance != "none":
+                self.say(f"{unequal}: --balance {config.balance} (auto; --balance none to turn it off)")
+        elif ratio >= IMBALANCE_WARNING_RATIO and config.balance == "none":
+            self.say(f"warning: {unequal}; consider --balance sampler or --balance loss")
         self.pretrained = load_pretrained(config.model, config.weights)
         self.say(f"weights: {self.pretrained.description}")
         # Resolve every "chosen for you" value once and store it, so a resumed run uses the same ones.
