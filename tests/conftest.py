@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,19 @@ def shared_dir() -> Path:
     if not (SHARED / "data").is_dir():
         pytest.fail(f"real data not found at {SHARED}: clone resfit beside ../shared or set RESFIT_SHARED")
     return SHARED
+
+
+@pytest.fixture(autouse=True)
+def _restore_sigchld():
+    """Keep a test's DataLoader workers from leaving PyTorch's SIGCHLD handler installed in this process.
+
+    The handler checks the (long gone) workers of every DataLoader whenever any child exits; once
+    OpenVINO is loaded in the same process, a later test's subprocess exiting crashed pytest with a
+    segfault. A resfit command never runs a DataLoader and then spawns processes, so this is test-only.
+    """
+    handler = signal.getsignal(signal.SIGCHLD)
+    yield
+    signal.signal(signal.SIGCHLD, handler)
 
 
 @pytest.fixture(autouse=True)
