@@ -7,8 +7,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from test_export import train_tiny_run
 
-import resfit
 from resfit.cli import build_parser, main
 from resfit.compare import CompareConfig, compare
 from resfit.compare.command import ModelPlan, describe_sources, obtain_run, weights_for, weights_per_backbone
@@ -31,29 +31,12 @@ TINY_RECIPE = [
 ]
 
 
-def train_tiny(data: Path, out: Path, seed: int) -> Path:
-    """A resnet18 head on the synthetic red/blue images at 32 px (seconds)."""
-    if not (out / "metrics.json").is_file():
-        config = resfit.TrainConfig(
-            data=str(data),
-            model="resnet18",
-            weights="none",
-            epochs=0,
-            img_size=32,
-            batch_size=8,
-            num_workers=0,
-            seed=seed,
-            quiet=True,
-            out=str(out),
-        )
-        resfit.train(config, say=lambda _: None)
-    return out
-
-
 @pytest.fixture(scope="module")
 def two_runs(tiny_imagefolder, tmp_path_factory) -> list[Path]:
     base = tmp_path_factory.mktemp("compare-runs")
-    return [train_tiny(tiny_imagefolder, base / name, seed) for name, seed in (("tiny-a", 0), ("tiny-b", 1))]
+    return [
+        train_tiny_run(tiny_imagefolder, base / name, seed) for name, seed in (("tiny-a", 0), ("tiny-b", 1))
+    ]
 
 
 def test_compare_reports_every_row_with_its_source(two_runs, tiny_imagefolder, tmp_path):

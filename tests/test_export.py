@@ -23,7 +23,7 @@ from resfit.predict import Classifier, InferenceConfig
 HYMENOPTERA = ("data", "hymenoptera")
 
 
-def train_tiny_run(data: Path, out: Path) -> Path:
+def train_tiny_run(data: Path, out: Path, seed: int = 0) -> Path:
     """A resnet18 head fitted on the synthetic red/blue images at 32 px: seconds, for unit tests."""
     if not (out / "model.json").is_file():
         config = resfit.TrainConfig(
@@ -34,6 +34,7 @@ def train_tiny_run(data: Path, out: Path) -> Path:
             img_size=32,
             batch_size=8,
             num_workers=0,
+            seed=seed,
             quiet=True,
             out=str(out),
         )
