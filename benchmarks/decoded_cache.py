@@ -5,12 +5,12 @@ Side by side in one run, on each data set and size, with the cache off and on:
     1 workers, plus the one-time cost of building the cache and its size;
 (b) resfit's fine-tuning through the public API, ``resfit.train(TrainConfig(..., head_stage=False,
     decoded_cache="off"/"on"))``, data loading included: the images/s of the last fine-tuning epoch from
-    the returned history, with resfit's default workers (1 on 2 cores), and with the cache on and no
-    worker (does in-process loading from the cache beat a worker that takes a core from the model?).
+    the returned history, with resfit's default workers, and with the cache on and off and no worker
+    (does in-process loading beat a worker that takes a core from the model?).
 Each run trains on a fixed subset of the training split (a CSV manifest of absolute paths) so a run
 takes seconds, not the whole of flowers5's 3,457 images. The variants alternate within each repeat; the
 cache is built in the first "on" run's set-up, outside the timed epochs ((a) shows what it costs).
-The defaults make 54 training runs: about half an hour on a 2-core machine.
+The defaults make 72 training runs: about 40 minutes on a 2-core machine.
 
     python benchmarks/decoded_cache.py [--sets hymenoptera,flowers5] [--sizes 96,112,128] [--repeats 3]
     python benchmarks/decoded_cache.py --quick     # a smoke run, under a minute: not a measurement
@@ -171,12 +171,13 @@ def main() -> None:
             ]
             print(f"{name:<12} {size:>4} | " + " | ".join(cells), flush=True)
 
-    # Variants of (b): the cache off and on with resfit's default workers, and on with none (in-process
-    # loading may be cheap enough with the cache that a worker only takes a core from the model).
-    variants = {"off": ("off", None), "on": ("on", None), "on, 0w": ("on", 0)}
+    # Variants of (b): the cache off and on with resfit's default workers, and both with none (in-process
+    # loading may be cheap enough that a worker only takes a core from the model).
+    variants = {"off": ("off", None), "on": ("on", None), "on, 0w": ("on", 0), "off, 0w": ("off", 0)}
     print("\n(b) fine-tuning images/s, data loading included (resfit.train, head stage off)")
     print(
         f"{'data':<12} {'size':>4} | {'cache off':>9} | {'cache on':>9} | ratio | {'on, 0 workers':>13} | ratio"
+        f" | {'off, 0 workers':>14} | ratio"
     )
     run = 0
     for name in sets:
@@ -191,10 +192,10 @@ def main() -> None:
                             manifests[name], size, args.batch, args.epochs, weights, mode, workers, out
                         )
                     )
-            off, on, on_0w = (statistics.median(rates[v]) for v in variants)
+            off, on, on_0w, off_0w = (statistics.median(rates[v]) for v in variants)
             print(
                 f"{name:<12} {size:>4} | {off:>9.1f} | {on:>9.1f} | {on / off:.2f}x | {on_0w:>13.1f} | "
-                f"{on_0w / off:.2f}x",
+                f"{on_0w / off:.2f}x | {off_0w:>14.1f} | {off_0w / off:.2f}x",
                 flush=True,
             )
 

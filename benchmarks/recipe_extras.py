@@ -1,6 +1,6 @@
 """Each recipe extra with and without, side by side in one run, on real data from the same pretrained source.
 
-    python benchmarks/recipe_extras.py --data ../shared/data/hymenoptera [--epochs 6] [--variants base,ema,...]
+    python benchmarks/recipe_extras.py --data ../shared/data/hymenoptera [--epochs 6] [--variants base,ema,...] [--seeds 0,1]
     python benchmarks/recipe_extras.py --data ../shared/data/flowers5 --imbalanced daisy:0.1 --variants base,sampler,loss
 
 Every variant is resfit's default recipe plus one change, same seed and split; the head stage's features
@@ -36,6 +36,8 @@ VARIANTS = {
     "sampler": {"balance": "sampler"},
     "loss": {"balance": "loss"},
     "no-decoded-cache": {"decoded_cache": "off"},
+    "train-all-blocks": {"frozen_blocks": 0},
+    "frozen-stem": {"frozen_blocks": 1},
 }
 
 
@@ -63,6 +65,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--img-size", type=int, default=None)
     parser.add_argument("--variants", default="base,multiscale,ema,mixup,cutmix,lr-auto")
+    parser.add_argument("--seeds", default="0", help="comma-separated: each variant runs once per seed")
     parser.add_argument("--imbalanced", help="CLASS:FRACTION of that class's training images to keep")
     args = parser.parse_args()
     weights = args.weights or str(SHARED / "weights" / f"{args.model}-imagenette.pth")
@@ -78,15 +81,16 @@ def main() -> None:
             rare, fraction = args.imbalanced.split(":")
             data = imbalanced_copy(data, rare, float(fraction), Path(tmp))
         rows = []
-        for name in names:
+        for seed, name in ((int(seed), name) for seed in args.seeds.split(",") for name in names):
             config = resfit.TrainConfig(
                 data=str(data),
                 model=args.model,
                 weights=weights,
                 epochs=args.epochs,
                 img_size=args.img_size,
+                seed=seed,
                 quiet=True,
-                out=str(Path(tmp) / f"run-{name}"),
+                out=str(Path(tmp) / f"run-{name}-{seed}"),
                 **VARIANTS[name],
             )
             started = time.perf_counter()
@@ -96,6 +100,7 @@ def main() -> None:
             recalls = {c: v["recall"] for c, v in metrics["per_class"].items()}
             row = {
                 "variant": name,
+                "seed": seed,
                 "settings": VARIANTS[name],
                 "val_acc": metrics["accuracy"],
                 "macro_f1": metrics["f1_macro"],
@@ -109,22 +114,25 @@ def main() -> None:
             }
             rows.append(row)
             print(
-                f"{name:<11} val acc {row['val_acc']:.4f}  macro F1 {row['macro_f1']:.4f}  min recall "
+                f"{name:<11} seed {seed}  val acc {row['val_acc']:.4f}  macro F1 {row['macro_f1']:.4f}  min recall "
                 f"{row['min_class_recall']:.3f}  best epoch {row['best_epoch']}  lr {row['lr']:.2g}  {wall:.0f} s "
                 f"(fine-tuning {row['finetune_s']:.0f} s)",
                 flush=True,
             )
-    base = next((r for r in rows if r["variant"] == "base"), rows[0])
     header = (
         f"{data.name}, {args.model} from {Path(weights).name}, {args.epochs} fine-tuning epochs, "
-        f"seed 0; {runtime.describe()}"
+        f"seeds {args.seeds}; {runtime.describe()}"
     )
     print(f"\n{header}\n")
-    print("| variant | val acc | Δ vs base | macro F1 | min class recall | best epoch | lr | fine-tuning s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "| variant | seed | val acc | Δ vs first | macro F1 | min class recall | best epoch | lr | fine-tuning s |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
+        # Each seed's rows are compared with that seed's first variant (base when it is listed first).
+        base = next(r for r in rows if r["seed"] == row["seed"])
         print(
-            f"| {row['variant']} | {row['val_acc']:.4f} | {row['val_acc'] - base['val_acc']:+.4f} | "
+            f"| {row['variant']} | {row['seed']} | {row['val_acc']:.4f} | {row['val_acc'] - base['val_acc']:+.4f} | "
             f"{row['macro_f1']:.4f} | {row['min_class_recall']:.3f} | {row['best_epoch']} | {row['lr']:.2g} | "
             f"{row['finetune_s']:.0f} |"
         )

@@ -1,17 +1,23 @@
 """Training speed side by side, in one run, data loading included:
 
-(a) images/s of resfit's default training path (detected precision + channels_last, its DataLoader settings)
-    against the plain eager fp32 NCHW loop of the PyTorch tutorial, same data, model, batch and resolution;
+(a) images/s of resfit's default training step (detected precision + channels_last, its recipe's frozen
+    BatchNorm statistics, its DataLoader settings), and of that step with ``--frozen-blocks 2``, against
+    the plain eager fp32 NCHW loop of the PyTorch tutorial, same data, model, batch and resolution; a
+    middle column isolates what precision and layout alone give;
 (b) one head-training epoch on a frozen backbone: forward passes through the backbone every epoch, against
     resfit's cached pooled features.
 
     python benchmarks/training_speed.py [--data ../shared/data/hymenoptera] [--sizes 224,112] [--repeats 3]
-Prints medians of the repeats, the CPU line and the ratios.
+Prints medians of the repeats, the CPU line and the ratios. To see resfit's path on a CPU without native
+bf16 on this one, limit the instruction sets and take fp32 (what resfit detects there):
+
+    ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 python benchmarks/training_speed.py --precision fp32 --skip-head
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from pathlib import Path
@@ -25,7 +31,17 @@ from resfit.data.scan import load_dataset
 from resfit.data.transforms import Preprocessing
 from resfit.evaluate import to_device
 from resfit.hardware import apply_threads, default_num_workers, resolve_runtime
-from resfit.models import IMAGENET_MEAN, IMAGENET_STD, build_model, forward_features
+from resfit.models import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    build_model,
+    forward_features,
+    freeze_batchnorm,
+    freeze_lowest_blocks,
+    layerwise_param_groups,
+    set_backbone_trainable,
+)
+from resfit.train import TrainConfig
 from resfit.train.head import extract_features
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,29 +62,64 @@ def images_per_second(model, loader, steps: int, step_fn) -> float:
     return seen / (time.perf_counter() - started)
 
 
-def training_throughput(source, size: int, batch: int, steps: int, default_path: bool) -> float:
+PATHS = ("eager", "autocast", "resfit", "frozen2")
+PATH_NAMES = {
+    "eager": "eager fp32 NCHW",
+    "autocast": "precision+layout",
+    "resfit": "resfit default",
+    "frozen2": "--frozen-blocks 2",
+}
+
+
+def training_throughput(
+    source, size: int, batch: int, steps: int, path: str, precision: str = "auto"
+) -> float:
+    """Images/s of one training path; the model, data, batch and optimizer (AdamW) are the same for all.
+
+    eager:    the tutorial loop: fp32, NCHW, every layer trained, BatchNorm in training mode, no workers.
+    autocast: the same step with the detected precision (bf16 autocast here) and channels_last only.
+    resfit:   resfit's default fine-tuning step: that precision and layout plus its recipe (BatchNorm
+              frozen, the lowest --frozen-blocks left untrained, layer-wise lr groups, label smoothing),
+              its DataLoader workers, and the decoded-image cache where ``auto`` turns it on.
+    frozen2:  resfit's step with ``--frozen-blocks 2`` (stem and layer1 untrained: no backward through them).
+    """
     torch.manual_seed(0)
-    runtime = resolve_runtime("cpu", "auto" if default_path else "fp32")
+    runtime = resolve_runtime("cpu", "fp32" if path == "eager" else precision)
     apply_threads(runtime)
+    recipe = TrainConfig(frozen_blocks=2) if path == "frozen2" else TrainConfig()
+    resfit_step = path in ("resfit", "frozen2")
     prep = Preprocessing.for_size(size, IMAGENET_MEAN, IMAGENET_STD)
-    # resfit's default path includes the decoded-image cache where "auto" turns it on (crops <= 128 px);
-    # it is built once before timing, like the feature cache (a one-off cost, reused by later runs).
-    decoded = decoded_caches(source, prep, "auto", say=lambda _: None, progress=False) if default_path else {}
-    dataset = ImageDataset(source, "train", prep.train_transform("standard"), decoded=decoded.get("train"))
-    workers = default_num_workers(runtime) if default_path else 0
+    # The decoded-image cache is built once before timing, like the feature cache (a one-off cost,
+    # reused by later runs).
+    decoded = (
+        decoded_caches(source, prep, recipe.decoded_cache, say=lambda _: None, progress=False)
+        if resfit_step
+        else {}
+    )
+    transform = prep.train_transform(recipe.augment, recipe.min_crop_scale)
+    dataset = ImageDataset(source, "train", transform, decoded=decoded.get("train"))
+    workers = default_num_workers(runtime) if resfit_step else 0
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers)
     model = build_model("resnet50", len(source.class_names))
-    if default_path:
+    if path != "eager":
         model = model.to(memory_format=torch.channels_last)
+    parameters, criterion = model.parameters(), nn.CrossEntropyLoss()
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    if resfit_step:
+        set_backbone_trainable(model, True)
+        freeze_lowest_blocks(model, recipe.frozen_blocks)
+        parameters = layerwise_param_groups(model, recipe.head_lr, recipe.layer_decay, recipe.weight_decay)
+        criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+        if recipe.bn == "frozen":
+            freeze_batchnorm(model)
+    optimizer = torch.optim.AdamW(parameters, lr=1e-4)
 
     def step(images, labels):
-        if default_path:
+        if path != "eager":
             images = to_device(images, runtime)
-        with runtime.autocast() if default_path else torch.autocast("cpu", enabled=False):
+        with runtime.autocast():
             logits = model(images)
-        loss = nn.functional.cross_entropy(logits.float(), labels)
+        loss = criterion(logits.float(), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -120,26 +171,38 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        help="resfit's precision (default: what it detects); fp32 shows its path on a CPU without native bf16",
+    )
+    parser.add_argument("--skip-head", action="store_true", help="only (a)")
     parser.add_argument("--head-data", default=str(REPO.parent / "shared" / "data" / "flowers5"))
     args = parser.parse_args()
-    runtime = resolve_runtime("cpu", "auto")
+    runtime = resolve_runtime("cpu", args.precision)
     print(f"device: {runtime.describe()}")
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA"), os.environ.get("ATEN_CPU_CAPABILITY")
+    if any(isa):
+        print(f"instruction sets limited: ONEDNN_MAX_CPU_ISA={isa[0]}, ATEN_CPU_CAPABILITY={isa[1]}")
     print(
         f"torch {torch.__version__}; {args.repeats} repeats of {args.steps} steps at batch {args.batch}; medians"
     )
     source, _ = load_dataset(args.data)
     print("\n(a) training images/s, ResNet-50, data loading included")
-    print(f"{'size':>5} | {'eager fp32 NCHW':>15} | {'resfit default':>14} | ratio")
+    print(" | ".join([f"{'size':>5}", *(f"{PATH_NAMES[p]:>16}" for p in PATHS), "ratios to eager"]))
     for size in (int(s) for s in args.sizes.split(",")):
-        eager = [
-            training_throughput(source, size, args.batch, args.steps, False) for _ in range(args.repeats)
-        ]
-        default = [
-            training_throughput(source, size, args.batch, args.steps, True) for _ in range(args.repeats)
-        ]
-        e, d = statistics.median(eager), statistics.median(default)
-        print(f"{size:>5} | {e:>15.2f} | {d:>14.2f} | {d / e:.2f}x", flush=True)
+        samples = {p: [] for p in PATHS}
+        for _ in range(args.repeats):  # the paths alternate within each repeat: drift hits all alike
+            for path in PATHS:
+                samples[path].append(
+                    training_throughput(source, size, args.batch, args.steps, path, args.precision)
+                )
+        medians = {p: statistics.median(v) for p, v in samples.items()}
+        ratios = ", ".join(f"{medians[p] / medians['eager']:.2f}x" for p in PATHS[1:])
+        print(" | ".join([f"{size:>5}", *(f"{medians[p]:>16.2f}" for p in PATHS), ratios]), flush=True)
 
+    if args.skip_head:
+        return
     head_source, _ = load_dataset(args.head_data)
     print(
         f"\n(b) one head epoch on a frozen ResNet-50 @112, {len(head_source.splits['train'].items)} images, batch 32"

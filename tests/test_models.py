@@ -11,6 +11,7 @@ from resfit.errors import WeightsError
 from resfit.models import (
     apply_pretrained,
     build_model,
+    freeze_lowest_blocks,
     imagenet_cache_path,
     layerwise_param_groups,
     load_pretrained,
@@ -112,3 +113,14 @@ def test_frozen_backbone_trains_only_the_head():
     set_backbone_trainable(model, False)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable == ["fc.weight", "fc.bias"]
+
+
+def test_frozen_blocks_leave_the_param_groups():
+    model = build_model("resnet18", 2)
+    set_backbone_trainable(model, True)
+    frozen = freeze_lowest_blocks(model, 2)
+    assert frozen == [model.conv1, model.bn1, model.layer1]
+    groups = layerwise_param_groups(model, head_lr=1e-3, layer_decay=0.5, weight_decay=0.05)
+    assert {g["block"] for g in groups} == {"layer2", "layer3", "layer4", "head"}
+    trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"layer2", "layer3", "layer4", "fc"}

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from resfit.errors import RunFolderError
@@ -80,3 +81,40 @@ def test_warmup_then_cosine_schedule():
         a >= b for a, b in zip(factors[9:], factors[10:], strict=False)
     )  # non-increasing after warm-up
     assert factors[-1] < 0.01
+
+
+@pytest.mark.parametrize("frozen_blocks", [2, 0])
+def test_frozen_blocks_keep_the_source_weights_and_statistics(unordered_classes, tmp_path, frozen_blocks):
+    """--frozen-blocks 2 leaves stem + layer1 (weights and BatchNorm statistics) as they started, even with
+    --bn train, while the blocks above change; --frozen-blocks 0 trains them all."""
+    from safetensors.torch import load_file
+
+    from resfit.train.loop import Trainer
+
+    config = small_config(
+        unordered_classes,
+        tmp_path / "run",
+        bn="train",
+        frozen_blocks=frozen_blocks,
+        head_stage=False,
+        lr=0.01,
+    )
+    train(config, say=lambda _: None)
+    start = Trainer(
+        small_config(unordered_classes, tmp_path / "start", bn="train", frozen_blocks=frozen_blocks),
+        tmp_path / "start",
+        resuming=False,
+        say=lambda _: None,
+    )
+    start.prepare()  # seeded first thing: the same initial model as the run's
+    initial = start.model.state_dict()
+    trained = load_file(tmp_path / "run" / "resume" / "epoch-1.safetensors")
+
+    def unchanged(prefix: str) -> bool:
+        keys = [k for k in initial if k.startswith(prefix) and initial[k].is_floating_point()]
+        assert keys
+        return all(torch.equal(initial[k], trained[f"model.{k}"]) for k in keys)
+
+    for block in ("conv1.", "bn1.", "bn1.running_mean", "layer1."):
+        assert unchanged(block) == (frozen_blocks == 2), block
+    assert not unchanged("layer2.0.conv1.") and not unchanged("layer2.0.bn1.running_mean")

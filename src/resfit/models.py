@@ -333,6 +333,20 @@ def set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
         param.requires_grad = trainable or is_head_key(name)
 
 
+def freeze_lowest_blocks(model: nn.Module, count: int) -> list[nn.Module]:
+    """Stop gradients in each backbone's ``count`` lowest blocks (1 = the stem, 2 = stem and layer1, ...).
+
+    Those blocks hold generic edges and textures, and layer-wise decay gives them a tiny lr anyway; with
+    nothing below them to train, autograd also skips their backward pass, a large share of a step's
+    compute at full resolution. Returns the frozen modules, whose BatchNorms must stay in eval mode.
+    """
+    frozen = [module for _, depth, modules in backbone_blocks(model) if depth < count for module in modules]
+    for module in frozen:
+        for param in module.parameters():
+            param.requires_grad = False
+    return frozen
+
+
 def freeze_batchnorm(model: nn.Module) -> None:
     """Put every BatchNorm in eval mode: running statistics from the source stay fixed while weights train."""
     for module in model.modules():

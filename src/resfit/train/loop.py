@@ -52,6 +52,7 @@ from ..models import (
     apply_pretrained,
     build_model,
     freeze_batchnorm,
+    freeze_lowest_blocks,
     layerwise_param_groups,
     load_pretrained,
     set_backbone_trainable,
@@ -166,6 +167,7 @@ class Trainer:
         self.dist = DistContext()
         self._weights_fingerprint: str | None = None
         self.ema = None  # --ema: the averaged copy that is validated and kept
+        self.frozen_modules: list[nn.Module] = []  # --frozen-blocks, set with the optimizer
 
     # -- set-up -------------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -353,12 +355,20 @@ class Trainer:
     def make_optimizer(self) -> torch.optim.Optimizer:
         config = self.config
         set_backbone_trainable(self.model, True)
+        self.frozen_modules = freeze_lowest_blocks(self.model, config.frozen_blocks)
         groups = layerwise_param_groups(self.model, config.lr, config.layer_decay, config.weight_decay)
         for group in groups:
             group["initial_lr"] = group["lr"]
         if config.optimizer == "sgd":
             return torch.optim.SGD(groups, lr=config.lr, momentum=0.9, nesterov=True)
         return torch.optim.AdamW(groups, lr=config.lr)
+
+    def train_mode(self, network: nn.Module) -> None:
+        """Training mode, but BatchNorm keeps the source's statistics: everywhere under --bn frozen, and
+        always in the frozen blocks (their layers are the source's, so must their statistics be)."""
+        network.train()
+        for module in [self.model] if self.config.bn == "frozen" else self.frozen_modules:
+            freeze_batchnorm(module)
 
     def epoch_plan(self, train_size: int) -> list[dict]:
         """Per fine-tuning epoch: its image size, batch size and batch sampler (fixed by seed and epoch)."""
@@ -392,9 +402,7 @@ class Trainer:
             round(config.warmup_epochs * len(plan[0]["sampler"])),
         )
         mixing = batch_mixing(config.mixup, config.cutmix, len(self.source.class_names))
-        network.train()
-        if config.bn == "frozen":
-            freeze_batchnorm(self.model)
+        self.train_mode(network)
         loss_sum, correct, seen, lr = 0.0, 0, 0, 0.0
         started = time.perf_counter()
         bar = tqdm(

@@ -51,7 +51,7 @@ from ..distributed import DistContext, GlobalBatchSampler
 from ..errors import ConfigError
 from ..evaluate import to_device
 from ..fileio import atomic_write, atomic_write_json
-from ..models import freeze_batchnorm, set_backbone_trainable
+from ..models import set_backbone_trainable
 from .config import DEFAULT_LR, TrainConfig
 from .recipe import balanced_class_weights, batch_mixing, class_counts
 from .state import rng_state, set_rng_state
@@ -242,9 +242,7 @@ def range_test(
             config.lr = chosen
         shares = [group["lr"] for group in optimizer.param_groups]
         scaler = torch.amp.GradScaler(runtime.device, enabled=runtime.precision == "fp16")
-        model.train()
-        if config.bn == "frozen":
-            freeze_batchnorm(model)
+        trainer.train_mode(model)
         batches = _training_batches(train_set, config.batch_size, config.seed, config.num_workers)
         average, lowest = 0.0, math.inf
         bar = tqdm(
