@@ -3,15 +3,19 @@
 With the same global batch and seed, each process takes its half of every global batch, each image's
 augmentation is tied to (seed, epoch, index), and the loss is the global-batch mean, so the two runs
 differ only by floating-point summation order. Measured here: max |w_ddp - w_single| = 6.5e-6 after two
-epochs in fp32; the test allows 1e-4.
+epochs in fp32; the test allows 1e-4. A torchrun run killed (SIGKILL, every process) after epoch 1 and
+resumed with `torchrun ... train --resume` ends within the same tolerance of the single process.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 from safetensors.numpy import load_file
@@ -44,6 +48,44 @@ def _env() -> dict:
     return env
 
 
+def _torchrun(*args: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "resfit",
+        "train",
+        *args,
+    ]
+
+
+def _train_single(data, out, flags=COMMON):
+    one = subprocess.run(
+        [sys.executable, "-m", "resfit", "train", str(data), *flags, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=_env(),
+    )
+    assert one.returncode == 0, one.stderr
+
+
+def _max_weight_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float(abs(a[k].astype("float64") - b[k]).max()) for k in a)
+
+
+def _descendants(pid: int) -> list[int]:
+    children = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children += [int(child) for child in (task / "children").read_text().split()]
+    return children + [grandchild for child in children for grandchild in _descendants(child)]
+
+
 def _last_weights(run_dir):
     state = json.loads((run_dir / "resume" / "state.json").read_text())
     tensors = load_file(str(run_dir / "resume" / state["tensors"]))
@@ -53,30 +95,9 @@ def _last_weights(run_dir):
 @pytest.mark.slow
 def test_two_cpu_processes_match_one(tiny_imagefolder, tmp_path):
     single, ddp = tmp_path / "single", tmp_path / "ddp"
-    one = subprocess.run(
-        [sys.executable, "-m", "resfit", "train", str(tiny_imagefolder), *COMMON, "--out", str(single)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=_env(),
-    )
-    assert one.returncode == 0, one.stderr
+    _train_single(tiny_imagefolder, single)
     two = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "resfit",
-            "train",
-            str(tiny_imagefolder),
-            *COMMON,
-            "--out",
-            str(ddp),
-        ],
+        _torchrun(str(tiny_imagefolder), *COMMON, "--out", str(ddp)),
         capture_output=True,
         text=True,
         timeout=600,
@@ -89,10 +110,7 @@ def test_two_cpu_processes_match_one(tiny_imagefolder, tmp_path):
     single_state, single_weights = _last_weights(single)
     ddp_state, ddp_weights = _last_weights(ddp)
     assert single_state["epoch"] == ddp_state["epoch"] == 2
-    assert single_weights.keys() == ddp_weights.keys()
-    worst = max(
-        float(abs(single_weights[k].astype("float64") - ddp_weights[k]).max()) for k in single_weights
-    )
+    worst = _max_weight_difference(single_weights, ddp_weights)
     assert worst <= WEIGHT_TOLERANCE, worst
     # The run folder has the same shape, written once.
     assert sorted(p.name for p in single.iterdir()) == sorted(p.name for p in ddp.iterdir())
@@ -100,3 +118,52 @@ def test_two_cpu_processes_match_one(tiny_imagefolder, tmp_path):
     ddp_metrics = json.loads((ddp / "metrics.json").read_text())
     assert ddp_metrics["accuracy"] == single_metrics["accuracy"]
     assert ddp_metrics["num_images"] == single_metrics["num_images"]
+
+
+@pytest.mark.slow
+def test_killed_torchrun_run_resumes_under_torchrun(tmp_path):
+    """SIGKILL to the whole torchrun group after epoch 1, then `torchrun ... train --resume`: the run ends
+    where one uninterrupted process ends."""
+    from conftest import _write_learnable_images
+
+    # Epochs long enough (about a second) for the kill to land between epoch 1 and epoch 2.
+    data = tmp_path / "data"
+    _write_learnable_images(data / "train", per_class=48, size=72, seed=0)
+    _write_learnable_images(data / "val", per_class=8, size=72, seed=1)
+    flags = [*COMMON]
+    flags[flags.index("--img-size") + 1] = "64"
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    _train_single(data, single, flags)
+    process = subprocess.Popen(
+        _torchrun(str(data), *flags, "--out", str(ddp)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=_env(),
+    )
+    state_file = ddp / "resume" / "state.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if state_file.exists() and json.loads(state_file.read_text())["epoch"] >= 1:
+            # torchrun's workers are not in its process group: kill each, as a crash of the machine would
+            for pid in [*_descendants(process.pid), process.pid]:
+                os.kill(pid, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (ddp / "metrics.json").exists()
+
+    resumed = subprocess.run(
+        _torchrun("--resume", str(ddp), "--quiet"), capture_output=True, text=True, timeout=600, env=_env()
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "after epoch 1" in resumed.stdout and "distributed: 2 processes (gloo)" in resumed.stdout
+    single_state, single_weights = _last_weights(single)
+    ddp_state, ddp_weights = _last_weights(ddp)
+    assert ddp_state["epoch"] == single_state["epoch"] == 2
+    worst = _max_weight_difference(single_weights, ddp_weights)
+    assert worst <= WEIGHT_TOLERANCE, worst
+    assert (
+        json.loads((ddp / "metrics.json").read_text())["accuracy"]
+        == json.loads((single / "metrics.json").read_text())["accuracy"]
+    )
