@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +42,30 @@ def _restore_sigchld():
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Keep every test's scan/feature caches out of the user's ~/.cache."""
     monkeypatch.setenv("RESFIT_CACHE", str(tmp_path_factory.mktemp("resfit-cache")))
+
+
+def kill_after_epoch(process: subprocess.Popen, run_dir: Path, with_children: bool = False) -> None:
+    """SIGKILL a training run as soon as its resume state records epoch 1, then wait for it to exit.
+
+    ``with_children`` also kills every descendant (torchrun's workers are not in its process group), as a
+    crash of the machine would.
+    """
+    state_file = run_dir / "resume" / "state.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if state_file.exists() and json.loads(state_file.read_text())["epoch"] >= 1:
+            for pid in [*(_descendants(process.pid) if with_children else []), process.pid]:
+                os.kill(pid, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    process.wait()
+
+
+def _descendants(pid: int) -> list[int]:
+    children = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children += [int(child) for child in (task / "children").read_text().split()]
+    return children + [grandchild for child in children for grandchild in _descendants(child)]
 
 
 def _write_learnable_images(root: Path, per_class: int, size: int, seed: int) -> None:

@@ -14,10 +14,9 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
+from conftest import _write_learnable_images, kill_after_epoch
 from safetensors.numpy import load_file
 
 WEIGHT_TOLERANCE = 1e-4
@@ -79,13 +78,6 @@ def _max_weight_difference(a: dict, b: dict) -> float:
     return max(float(abs(a[k].astype("float64") - b[k]).max()) for k in a)
 
 
-def _descendants(pid: int) -> list[int]:
-    children = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        children += [int(child) for child in (task / "children").read_text().split()]
-    return children + [grandchild for child in children for grandchild in _descendants(child)]
-
-
 def _last_weights(run_dir):
     state = json.loads((run_dir / "resume" / "state.json").read_text())
     tensors = load_file(str(run_dir / "resume" / state["tensors"]))
@@ -122,10 +114,8 @@ def test_two_cpu_processes_match_one(tiny_imagefolder, tmp_path):
 
 @pytest.mark.slow
 def test_killed_torchrun_run_resumes_under_torchrun(tmp_path):
-    """SIGKILL to the whole torchrun group after epoch 1, then `torchrun ... train --resume`: the run ends
+    """SIGKILL to torchrun and both workers after epoch 1, then `torchrun ... train --resume`: the run ends
     where one uninterrupted process ends."""
-    from conftest import _write_learnable_images
-
     # Epochs long enough (about a second) for the kill to land between epoch 1 and epoch 2.
     data = tmp_path / "data"
     _write_learnable_images(data / "train", per_class=48, size=72, seed=0)
@@ -140,16 +130,7 @@ def test_killed_torchrun_run_resumes_under_torchrun(tmp_path):
         stderr=subprocess.DEVNULL,
         env=_env(),
     )
-    state_file = ddp / "resume" / "state.json"
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-        if state_file.exists() and json.loads(state_file.read_text())["epoch"] >= 1:
-            # torchrun's workers are not in its process group: kill each, as a crash of the machine would
-            for pid in [*_descendants(process.pid), process.pid]:
-                os.kill(pid, signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    process.wait()
+    kill_after_epoch(process, ddp, with_children=True)
     assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (ddp / "metrics.json").exists()
 

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import kill_after_epoch
 
 from resfit.models import build_model
 from resfit.train import TrainConfig, train
@@ -93,14 +92,7 @@ def test_killed_run_resumes_to_the_same_metrics(shared_dir, tmp_path):
         "--quiet",
     ]
     process = subprocess.Popen(cli, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state_file = run_dir / "resume" / "state.json"
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-        if state_file.exists() and json.loads(state_file.read_text())["epoch"] >= 1:
-            os.kill(process.pid, signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    process.wait()
+    kill_after_epoch(process, run_dir)
     assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (run_dir / "metrics.json").exists()
 
