@@ -20,6 +20,7 @@ import argparse
 import os
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -31,18 +32,10 @@ from resfit.data.scan import load_dataset
 from resfit.data.transforms import Preprocessing
 from resfit.evaluate import to_device
 from resfit.hardware import apply_threads, default_num_workers, resolve_runtime
-from resfit.models import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    build_model,
-    forward_features,
-    freeze_batchnorm,
-    freeze_lowest_blocks,
-    layerwise_param_groups,
-    set_backbone_trainable,
-)
+from resfit.models import IMAGENET_MEAN, IMAGENET_STD, build_model, forward_features
 from resfit.train import TrainConfig
 from resfit.train.head import extract_features
+from resfit.train.loop import finetune_optimizer, set_train_mode
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,7 +67,8 @@ PATH_NAMES = {
 def training_throughput(
     source, size: int, batch: int, steps: int, path: str, precision: str = "auto"
 ) -> float:
-    """Images/s of one training path; the model, data, batch and optimizer (AdamW) are the same for all.
+    """Images/s of one training path; the model, data, batch and optimizer (AdamW) are the same for all
+    (resfit's AdamW has its layer-wise lr groups).
 
     eager:    the tutorial loop: fp32, NCHW, every layer trained, BatchNorm in training mode, no workers.
     autocast: the same step with the detected precision (bf16 autocast here) and channels_last only.
@@ -103,16 +97,15 @@ def training_throughput(
     model = build_model("resnet50", len(source.class_names))
     if path != "eager":
         model = model.to(memory_format=torch.channels_last)
-    parameters, criterion = model.parameters(), nn.CrossEntropyLoss()
-    model.train()
-    if resfit_step:
-        set_backbone_trainable(model, True)
-        freeze_lowest_blocks(model, recipe.frozen_blocks)
-        parameters = layerwise_param_groups(model, recipe.head_lr, recipe.layer_decay, recipe.weight_decay)
+    if resfit_step:  # set up exactly as the Trainer sets up fine-tuning
+        recipe = replace(recipe, lr=recipe.head_lr)
+        optimizer, frozen = finetune_optimizer(model, recipe)
+        set_train_mode(model, model, recipe, frozen)
         criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
-        if recipe.bn == "frozen":
-            freeze_batchnorm(model)
-    optimizer = torch.optim.AdamW(parameters, lr=1e-4)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        model.train()
+        criterion = nn.CrossEntropyLoss()
 
     def step(images, labels):
         if path != "eager":

@@ -127,6 +127,33 @@ def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
     )
 
 
+def finetune_optimizer(
+    model: nn.Module, config: TrainConfig
+) -> tuple[torch.optim.Optimizer, list[nn.Module]]:
+    """Stage 2's optimizer: every block trainable but the --frozen-blocks, with layer-wise lr groups.
+
+    Returns it with the frozen modules, whose BatchNorms set_train_mode keeps in eval mode.
+    """
+    set_backbone_trainable(model, True)
+    frozen = freeze_lowest_blocks(model, config.frozen_blocks)
+    groups = layerwise_param_groups(model, config.lr, config.layer_decay, config.weight_decay)
+    for group in groups:
+        group["initial_lr"] = group["lr"]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=0.9, nesterov=True), frozen
+    return torch.optim.AdamW(groups, lr=config.lr), frozen
+
+
+def set_train_mode(
+    network: nn.Module, model: nn.Module, config: TrainConfig, frozen: list[nn.Module]
+) -> None:
+    """Training mode, but BatchNorm keeps the source's statistics: everywhere under --bn frozen, and
+    always in the frozen blocks (their layers are the source's, so must their statistics be)."""
+    network.train()
+    for module in [model] if config.bn == "frozen" else frozen:
+        freeze_batchnorm(module)
+
+
 def write_history(run_dir: Path, history: list[dict]) -> None:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=HISTORY_COLUMNS, extrasaction="ignore", lineterminator="\n")
@@ -353,22 +380,11 @@ class Trainer:
                 atomic_write_json(self.run_dir / MODEL_META, meta)
 
     def make_optimizer(self) -> torch.optim.Optimizer:
-        config = self.config
-        set_backbone_trainable(self.model, True)
-        self.frozen_modules = freeze_lowest_blocks(self.model, config.frozen_blocks)
-        groups = layerwise_param_groups(self.model, config.lr, config.layer_decay, config.weight_decay)
-        for group in groups:
-            group["initial_lr"] = group["lr"]
-        if config.optimizer == "sgd":
-            return torch.optim.SGD(groups, lr=config.lr, momentum=0.9, nesterov=True)
-        return torch.optim.AdamW(groups, lr=config.lr)
+        optimizer, self.frozen_modules = finetune_optimizer(self.model, self.config)
+        return optimizer
 
     def train_mode(self, network: nn.Module) -> None:
-        """Training mode, but BatchNorm keeps the source's statistics: everywhere under --bn frozen, and
-        always in the frozen blocks (their layers are the source's, so must their statistics be)."""
-        network.train()
-        for module in [self.model] if self.config.bn == "frozen" else self.frozen_modules:
-            freeze_batchnorm(module)
+        set_train_mode(network, self.model, self.config, self.frozen_modules)
 
     def epoch_plan(self, train_size: int) -> list[dict]:
         """Per fine-tuning epoch: its image size, batch size and batch sampler (fixed by seed and epoch)."""
