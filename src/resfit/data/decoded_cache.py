@@ -44,11 +44,11 @@ from ..vision import transforms as T
 from .feature_cache import content_fingerprint
 from .scan import PROGRESS_DELAY_S, default_cache_dir
 from .sources import DatasetSource
-from .transforms import INTERPOLATIONS, Preprocessing
+from .transforms import INTERPOLATIONS, CentreCropToAspect, Preprocessing
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: images over 8:1 are centre-cropped before the resize
 MODES = ("auto", "on", "off")
 DEFAULT_BUDGET_BYTES = 2 * 1024**3
 LONG_SIDE_CAP = 2  # times the short side
@@ -103,6 +103,7 @@ def resize_short_side(image: Image.Image, short_side: int, interpolation: str = 
     """The eval transform's resize, then the long side centre-cropped to about LONG_SIDE_CAP x short side."""
     if interpolation not in INTERPOLATIONS:
         raise ConfigError(f"unknown interpolation {interpolation!r}")
+    image = CentreCropToAspect()(image)  # as the eval transform does: bounds the resize's memory
     resized = T.Resize(short_side, interpolation=INTERPOLATIONS[interpolation], antialias=True)(image)
     width, height = resized.size
     long_side = max(width, height)

@@ -15,6 +15,7 @@ import re
 import stat
 import struct
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -28,6 +29,14 @@ UPLOAD_LABEL = "<upload>"
 
 # Pillow signals bad data with any of these, depending on the plugin and where the data ends.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error)
+# What Pillow says when it recognises a file but has no decoder for its variant (stub plugins, codecs).
+_UNSUPPORTED = re.compile(
+    r"unsupported|not supported|cannot find loader|no decoder|decoder \S+ not available|not installed|"
+    r"unknown (?:compression|pixel format|raw mode)|unimplemented",
+    re.IGNORECASE,
+)
+_PILLOW_DIR = os.path.dirname(os.path.abspath(Image.__file__)) + os.sep
+_MAX_WARNING_NOTES = 3
 
 _ORIENTATION_NOTES = {
     2: "mirrored left-right",
@@ -123,11 +132,16 @@ def _decode(
     fp: BinaryIO, label: str, max_pixels: int, *, for_check: bool
 ) -> tuple[Image.Image, list[str], tuple[int, int]]:
     """Header, size guard, one decode, EXIF orientation, RGB conversion; returns (image, notes, size)."""
-    with warnings.catch_warnings():
-        # Our own max_pixels check below replaces Pillow's global guard.
+    with warnings.catch_warnings(record=True) as caught:
+        # Pillow's warnings about this file become its notes instead of lines on the console; our own
+        # max_pixels check below replaces Pillow's global guard.
+        warnings.simplefilter("always")
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        image = _open_header(fp, label)
-        width, height = image.size
+        with _pillow_boundary(label, None):
+            image = _open_header(fp, label)
+            width, height = image.size
+        if width < 1 or height < 1:
+            raise ImageReadError(label, f"empty image: {width}x{height} pixels")
         if width * height > max_pixels:
             reason = (
                 f"too large: {width}x{height} = {width * height:,} pixels exceeds the limit of "
@@ -135,29 +149,65 @@ def _decode(
             )
             raise _SizedImageReadError(label, reason, (width, height))
         notes: list[str] = []
-        try:
-            frames = getattr(image, "n_frames", 1)
+        with _pillow_boundary(label, image.format):
+            # is_animated looks one frame ahead at most; n_frames would walk every page of the file.
+            several_frames = bool(getattr(image, "is_animated", False))
             orientation = _exif_orientation(image, notes)
             if for_check and image.format == "JPEG":
                 image.draft(None, (1, 1))  # DCT scaling still consumes the whole stream: truncation shows
             image.load()
-        except Image.DecompressionBombError as error:  # a plugin's own limit on embedded sizes
-            reason = f"too large: {_pixels_from_message(error)} (decompression-bomb guard)"
-            raise ImageReadError(label, reason) from None
-        except _DECODE_ERRORS as error:
-            raise ImageReadError(label, f"truncated or corrupt image data: {error}") from None
-        if frames > 1:
-            notes.append(f"first of {frames} frames used")
-        if orientation in _ORIENTATION_NOTES:
-            notes.append(f"EXIF orientation {orientation} applied ({_ORIENTATION_NOTES[orientation]})")
-            if orientation in (5, 6, 7, 8):
-                width, height = height, width
-            if not for_check:
-                image = ImageOps.exif_transpose(image)
-        rgb, mode_note = _to_rgb(image, label)
+            if several_frames:
+                notes.append("first frame used (the file holds several)")
+            if orientation in _ORIENTATION_NOTES:
+                notes.append(f"EXIF orientation {orientation} applied ({_ORIENTATION_NOTES[orientation]})")
+                if orientation in (5, 6, 7, 8):
+                    width, height = height, width
+                if not for_check:
+                    image = ImageOps.exif_transpose(image)
+            rgb, mode_note = _to_rgb(image, label)
         if mode_note:
             notes.append(mode_note)
+    said = dict.fromkeys(" ".join(str(w.message).split())[:160] for w in caught)
+    notes += [f"Pillow warned: {message}" for message in list(said)[:_MAX_WARNING_NOTES]]
     return rgb, notes, (width, height)
+
+
+@contextmanager
+def _pillow_boundary(label: str, image_format: str | None):
+    """Whatever the image library raises while reading this file is the file's problem: an ImageReadError
+    with the real reason. An exception with no Pillow frame in its traceback is resfit's own and surfaces."""
+    try:
+        yield
+    except ImageReadError:
+        raise
+    except Exception as error:
+        if not _raised_inside_pillow(error):
+            raise
+        raise ImageReadError(label, _failure_reason(error, image_format)) from None
+
+
+def _raised_inside_pillow(error: BaseException) -> bool:
+    traceback = error.__traceback__
+    while traceback is not None:
+        if os.path.abspath(traceback.tb_frame.f_code.co_filename).startswith(_PILLOW_DIR):
+            return True
+        traceback = traceback.tb_next
+    return False
+
+
+def _failure_reason(error: Exception, image_format: str | None) -> str:
+    """A short, true reason: too large, a format variant Pillow cannot decode, truncated data, or malformed."""
+    text = str(error).strip() or type(error).__name__
+    kind = f"{image_format} " if image_format else ""
+    if isinstance(error, Image.DecompressionBombError):
+        return f"too large: {_pixels_from_message(error)} (decompression-bomb guard)"
+    if "ghostscript" in text.lower():
+        return f"{kind}needs Ghostscript, which is not installed: {text}"
+    if isinstance(error, NotImplementedError) or _UNSUPPORTED.search(text):
+        return f"unsupported {kind}variant (this Pillow cannot decode it): {text}"
+    if isinstance(error, _DECODE_ERRORS):
+        return f"truncated or corrupt image data: {text}"
+    return f"malformed {kind}file: {text} ({type(error).__name__})"
 
 
 def _open_header(fp: BinaryIO, label: str) -> ImageFile.ImageFile:
@@ -172,8 +222,6 @@ def _open_header(fp: BinaryIO, label: str) -> ImageFile.ImageFile:
         return image
     except UnidentifiedImageError:
         raise ImageReadError(label, "not an image: cannot identify image file") from None
-    except _DECODE_ERRORS as error:
-        raise ImageReadError(label, f"truncated or corrupt image data: {error}") from None
 
 
 def _open_ignoring_pillow_guard(fp: BinaryIO) -> ImageFile.ImageFile | None:
