@@ -1,0 +1,138 @@
+"""The accuracy suite's pure statistics: folds, subsamples, intervals, the summary. No training, no images."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+SUITE_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy_suite.py"
+_spec = importlib.util.spec_from_file_location("accuracy_suite", SUITE_PATH)
+suite = importlib.util.module_from_spec(_spec)
+sys.modules["accuracy_suite"] = suite  # dataclasses look their module up while the class is built
+_spec.loader.exec_module(suite)
+
+
+def labels_like_hymenoptera() -> list[str]:
+    return ["ants"] * 194 + ["bees"] * 204
+
+
+@pytest.mark.parametrize("k", [2, 3, 5, 10])
+def test_folds_cover_every_photo_exactly_once_and_are_stratified(k):
+    labels = labels_like_hymenoptera() + ["wasps"] * 7  # a class smaller than some k
+    fold_of = suite.stratified_folds(labels, k, seed=3)
+    assert len(fold_of) == len(labels)
+    assert set(fold_of) == set(
+        range(k)
+    )  # every fold used, each photo in exactly one (a list: one entry each)
+    sizes = Counter(fold_of)
+    assert max(sizes.values()) - min(sizes.values()) <= 1
+    for name in set(labels):
+        per_fold = Counter(f for f, label in zip(fold_of, labels, strict=True) if label == name)
+        counts = [per_fold.get(f, 0) for f in range(k)]
+        assert max(counts) - min(counts) <= 1, (name, counts)
+
+
+def test_folds_depend_on_the_seed_and_only_on_it():
+    labels = labels_like_hymenoptera()
+    assert suite.stratified_folds(labels, 5, seed=0) == suite.stratified_folds(labels, 5, seed=0)
+    assert suite.stratified_folds(labels, 5, seed=0) != suite.stratified_folds(labels, 5, seed=1)
+
+
+def test_folds_need_two():
+    with pytest.raises(ValueError):
+        suite.stratified_folds(["a", "b"], 1, seed=0)
+
+
+def test_subsample_keeps_at_most_n_per_class_without_repeats():
+    labels = ["daisy"] * 50 + ["rose"] * 8 + ["tulip"] * 30
+    keep = suite.stratified_subsample(labels, 20, seed=0)
+    assert keep == sorted(set(keep))
+    assert Counter(labels[i] for i in keep) == {"daisy": 20, "rose": 8, "tulip": 20}
+    assert keep == suite.stratified_subsample(labels, 20, seed=0)
+
+
+def test_paired_t_interval_matches_scipy():
+    a = np.array([0.81, 0.77, 0.85, 0.79, 0.83])
+    b = np.array([0.78, 0.75, 0.80, 0.80, 0.79])
+    diffs = a - b
+    result = suite.t_interval(diffs)
+    low, high = stats.t.interval(0.95, len(diffs) - 1, loc=diffs.mean(), scale=stats.sem(diffs))
+    assert result["mean"] == pytest.approx(0.026)
+    assert (result["low"], result["high"]) == (pytest.approx(low), pytest.approx(high))
+    assert result["df"] == 4
+    # The same as scipy's paired t-test: the interval excludes 0 exactly when p < 0.05.
+    p = stats.ttest_rel(a, b).pvalue
+    assert (result["low"] > 0) == (p < 0.05)
+
+
+def test_corrected_interval_widens_by_the_nadeau_bengio_factor():
+    diffs = np.array([0.02, -0.01, 0.04, 0.03, 0.00])
+    plain = suite.t_interval(diffs)
+    corrected = suite.t_interval(diffs, correction=1 / 4)  # 5-fold: n_test / n_train = 1/4
+    factor = math.sqrt((1 / 5 + 1 / 4) / (1 / 5))
+    assert corrected["mean"] == plain["mean"]
+    assert corrected["high"] - corrected["mean"] == pytest.approx((plain["high"] - plain["mean"]) * factor)
+
+
+def test_interval_of_one_value_is_undefined():
+    assert suite.t_interval([0.7]) == {"mean": 0.7, "low": None, "high": None, "n": 1, "df": None}
+
+
+def test_bootstrap_over_photos_brackets_the_mean_and_is_seeded():
+    rng = np.random.default_rng(0)
+    differences = rng.choice([-1, 0, 0, 1, 1], size=(400, 2)).astype(float)
+    result = suite.paired_bootstrap(differences, reps=500, seed=1)
+    assert result["low"] < result["mean"] < result["high"]
+    assert result["mean"] == pytest.approx(differences.mean())
+    # ~ the normal approximation for a mean of 400 photo-level differences
+    se = differences.mean(axis=1).std(ddof=1) / math.sqrt(400)
+    assert result["high"] - result["low"] == pytest.approx(2 * 1.96 * se, rel=0.2)
+    assert result == suite.paired_bootstrap(differences, reps=500, seed=1)
+
+
+def fake_row(recipe: str, fold: int, correct: list[int], wall: float) -> dict:
+    items = [f"set/photo{fold}-{i}.jpg" for i in range(len(correct))]
+    return {
+        "dataset": "hymenoptera",
+        "repeat": 0,
+        "fold": fold,
+        "recipe": recipe,
+        "n_test": len(correct),
+        "n_outer_train": 3 * len(correct),
+        "test_correct": sum(correct),
+        "test_acc": sum(correct) / len(correct),
+        "test_items": items,
+        "correct": correct,
+        "wall_s": wall,
+    }
+
+
+def test_summary_pairs_recipes_on_the_same_folds():
+    rows = []
+    for fold in range(4):
+        base = [1, 1, 0, 1, 0, 1, 1, 0, 1, 1]
+        better = base.copy()
+        better[(2, 4)[fold % 2]] = 1  # one more photo right on every fold
+        rows.append(fake_row("resfit", fold, better, wall=10.0))
+        rows.append(fake_row("timm", fold, base, wall=20.0))
+    rows.append(fake_row("resfit", 4, [1] * 10, wall=10.0))  # a fold timm has not run yet: not paired
+    summary = suite.summarize(rows)["hymenoptera"]
+    assert summary["recipes"]["resfit"]["fold_runs"] == 5
+    assert summary["recipes"]["timm"]["pooled_accuracy"] == pytest.approx(0.7)
+    (pair,) = summary["pairs"]
+    assert (pair["a"], pair["b"], pair["fold_runs"]) == ("resfit", "timm", 4)
+    assert pair["difference"]["mean"] == pytest.approx(0.1)
+    # Every fold differs by exactly one photo: zero variance, so the interval is the point.
+    assert pair["difference"]["low"] == pytest.approx(0.1)
+    assert pair["a_better_folds"] == 4 and pair["b_better_folds"] == 0
+    assert pair["wall_ratio"] == pytest.approx(0.5)
+    assert pair["bootstrap_photos"]["mean"] == pytest.approx(0.1)
+    table = suite.markdown_tables(suite.summarize(rows))
+    assert "| resfit - timm | 4 |" in table
