@@ -38,8 +38,42 @@ class DistContext:
         return f"DDP rank {self.rank}/{self.world_size} (local {self.local_rank}/{self.local_world_size}, {self.backend})"
 
 
+def process_device(device: str, environ: dict | None = None) -> str:
+    """The device this process trains on: under torchrun on CUDA, the GPU of its LOCAL_RANK.
+
+    ``device`` is the flag ("auto", "cpu", "cuda" or "cuda:N"), the same for every process. "cuda" and
+    "auto" (when torch sees a GPU) become ``cuda:<LOCAL_RANK>``; an explicit ``cuda:N`` would put every
+    process on one GPU, so it is refused when several processes share the machine.
+    """
+    environ = os.environ if environ is None else environ
+    if int(environ.get("WORLD_SIZE", "1")) <= 1:
+        return device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not device.startswith("cuda"):
+        return device
+    local_rank = int(environ.get("LOCAL_RANK", "0"))
+    if device != "cuda":
+        if int(environ.get("LOCAL_WORLD_SIZE", environ["WORLD_SIZE"])) > 1:
+            raise ConfigError(
+                f"--device {device} under torchrun would put every process on one GPU: each process takes "
+                "the GPU of its LOCAL_RANK, so pass --device cuda (or auto); pick GPUs with CUDA_VISIBLE_DEVICES"
+            )
+        return device
+    if local_rank >= torch.cuda.device_count():
+        raise ConfigError(
+            f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA devices: "
+            "start at most one process per GPU (--nproc_per_node)"
+        )
+    return f"cuda:{local_rank}"
+
+
 def init_distributed(device: str) -> DistContext:
-    """Join the process group torchrun describes (nccl on CUDA, gloo on CPU); one process otherwise."""
+    """Join the process group torchrun describes (nccl on CUDA, gloo on CPU); one process otherwise.
+
+    ``device`` is this process's resolved device (see process_device); on CUDA it becomes the current
+    GPU before NCCL starts, so NCCL's communicator and every bare .cuda() use it.
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistContext()
@@ -48,9 +82,7 @@ def init_distributed(device: str) -> DistContext:
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
     backend = "nccl" if device.startswith("cuda") else "gloo"
     if device.startswith("cuda"):
-        if local_rank >= torch.cuda.device_count():
-            raise ConfigError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA devices")
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(torch.device(device))
     if not dist.is_initialized():
         dist.init_process_group(backend=backend)
     return DistContext(rank, world_size, local_rank, local_world_size, backend)
@@ -72,7 +104,7 @@ def sum_across(context: DistContext, *values: float) -> list[float]:
         return list(values)
     tensor = torch.tensor(values, dtype=torch.float64)
     if context.backend == "nccl":
-        tensor = tensor.cuda()
+        tensor = tensor.cuda()  # the current GPU: init_distributed made it this process's
     dist.all_reduce(tensor)
     return tensor.cpu().tolist()
 

@@ -75,7 +75,11 @@ def detect_cpu() -> CpuInfo:
 
 @dataclass(frozen=True)
 class Runtime:
-    """Where and how tensors run: the device, the precision, why, and the thread count."""
+    """Where and how tensors run: the device, the precision, why, and the thread count.
+
+    ``device`` is a torch device string: "cpu", or "cuda:N" with the index always written out, so the
+    GPU whose name is printed is the one that trains.
+    """
 
     device: str
     precision: str
@@ -85,15 +89,28 @@ class Runtime:
     gpu_name: str | None = None
 
     @property
+    def device_type(self) -> str:
+        """ "cpu" or "cuda": what torch.autocast and GradScaler take."""
+        return torch.device(self.device).type
+
+    @property
     def autocast_dtype(self) -> torch.dtype | None:
         return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
 
     def autocast(self):
         dtype = self.autocast_dtype
-        return torch.autocast(self.device, dtype=dtype, enabled=dtype is not None)
+        return torch.autocast(self.device_type, dtype=dtype, enabled=dtype is not None)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """Loss scaling for fp16 (whose small gradients would underflow); a no-op for fp32 and bf16."""
+        return torch.amp.GradScaler(self.device_type, enabled=self.precision == "fp16")
 
     def describe(self) -> str:
-        where = f"CUDA ({self.gpu_name})" if self.device == "cuda" else f"CPU ({self.cpu.describe()})"
+        where = (
+            f"CUDA {self.device} ({self.gpu_name})"
+            if self.device_type == "cuda"
+            else f"CPU ({self.cpu.describe()})"
+        )
         return f"{where}; {self.threads} threads; precision {self.precision}: {self.reason}"
 
     def to_dict(self) -> dict:
@@ -102,27 +119,63 @@ class Runtime:
         return info
 
 
+def parse_device(device: str) -> str:
+    """ "auto", "cpu", "cuda" or "cuda:N" (N >= 0), as given; anything else is refused."""
+    if device in ("auto", "cpu", "cuda"):
+        return device
+    index = device.removeprefix("cuda:")
+    if device.startswith("cuda:") and index.isdigit():
+        return f"cuda:{int(index)}"
+    raise ConfigError(f"unknown device {device!r}: choose auto, cpu, cuda or cuda:N (a GPU index)")
+
+
+def cuda_device(device: str) -> str:
+    """ "cuda" (the current GPU) or "cuda:N" as "cuda:N", checked against the GPUs torch sees."""
+    if not torch.cuda.is_available():
+        raise ConfigError(f"--device {device} was asked for but torch sees no CUDA device")
+    count = torch.cuda.device_count()
+    index = torch.cuda.current_device() if device == "cuda" else int(device.removeprefix("cuda:"))
+    if index >= count:
+        raise ConfigError(f"--device {device}: torch sees {count} CUDA device(s), cuda:0..cuda:{count - 1}")
+    return f"cuda:{index}"
+
+
+def gpu_has_native_bf16(device: str) -> bool:
+    """bf16 tensor cores: compute capability 8.0 (Ampere) or newer. Older GPUs emulate bf16, slowly, and
+    torch.cuda.is_bf16_supported() still says yes there (it counts emulation), so it is not asked."""
+    major, _minor = torch.cuda.get_device_capability(torch.device(device))
+    return major >= 8
+
+
 def resolve_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
     """Pick device and precision from what is present; explicit requests are honoured or refused clearly."""
     if precision not in PRECISIONS:
         raise ConfigError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
-        raise ConfigError(f"unknown device {device!r}: choose auto, cpu or cuda")
+    device = parse_device(device)
     cpu = detect_cpu()
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but torch sees no CUDA device")
     threads = cpu.physical_cores
     if device.startswith("cuda"):
+        device = cuda_device(device)
         gpu_name = torch.cuda.get_device_name(torch.device(device))
-        bf16_ok = torch.cuda.is_bf16_supported()
+        bf16_ok = gpu_has_native_bf16(device)
+        capability = "{}.{}".format(*torch.cuda.get_device_capability(torch.device(device)))
         if precision == "auto":
             precision = "bf16" if bf16_ok else "fp16"
-            reason = "CUDA AMP, " + ("the GPU supports bf16" if bf16_ok else "fp16 with a grad scaler")
+            reason = "CUDA AMP, " + (
+                "the GPU has native bf16"
+                if bf16_ok
+                else f"fp16 with a grad scaler (compute capability {capability}: no native bf16)"
+            )
+        elif precision == "bf16" and not bf16_ok:
+            raise ConfigError(
+                f"--precision bf16: {gpu_name} ({device}, compute capability {capability}) has no native "
+                "bf16 (it needs 8.0, Ampere, or newer): use --precision fp16 (AMP with a grad scaler) or fp32"
+            )
         else:
             reason = "asked for"
-        return Runtime("cuda", precision, reason, threads, cpu, gpu_name)
+        return Runtime(device, precision, reason, threads, cpu, gpu_name)
     if precision == "auto":
         if cpu.native_bf16:
             precision, reason = "bf16", "the CPU has native bf16, so bf16 autocast + channels_last"
@@ -148,10 +201,29 @@ def apply_threads(runtime: Runtime) -> None:
         torch.set_num_threads(runtime.threads)
 
 
-def default_num_workers(runtime: Runtime) -> int:
+def apply_device(runtime: Runtime) -> None:
+    """Make the runtime's GPU the current one, so whatever allocates on "the" GPU (NCCL, pinned-memory
+    copies, a bare .cuda()) uses it too; on CPU, the threads."""
+    apply_threads(runtime)
+    if runtime.device_type == "cuda":
+        torch.cuda.set_device(torch.device(runtime.device))
+
+
+def default_num_workers(runtime: Runtime, processes: int = 1) -> int:
     """DataLoader workers. On a 2-core CPU none: a worker's decoding preempts one of the model's two
     compute threads and the other waits for it at every synchronisation, so loading in the training
-    process is faster (measured: 1.4-2.0x faster fine-tuning at 96-128 px, 1.6x at 224 px; benchmarks/RESULTS.md)."""
-    if runtime.device == "cuda":
-        return min(8, max(1, runtime.cpu.logical_cpus - 1))
+    process is faster (measured: 1.4-2.0x faster fine-tuning at 96-128 px, 1.6x at 224 px; benchmarks/RESULTS.md).
+
+    On a GPU the model does not need the CPU, and decoding JPEGs there is what usually starves a fast GPU:
+    every core this process's share of the machine has, but one for the training process itself.
+    ``processes``: the training processes sharing this machine's cores (torchrun's LOCAL_WORLD_SIZE).
+    """
+    if runtime.device_type == "cuda":
+        return max(1, runtime.cpu.logical_cpus // max(1, processes) - 1)
     return 0 if runtime.cpu.logical_cpus <= 2 else min(4, runtime.cpu.logical_cpus // 2)
+
+
+def pin_memory(runtime: Runtime) -> bool:
+    """Page-locked loader batches on CUDA: their copies to the GPU can then run asynchronously
+    (non_blocking=True), overlapping the step; on CPU there is nothing to copy."""
+    return runtime.device_type == "cuda"

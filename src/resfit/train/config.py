@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, fields
 from ..data.decoded_cache import MODES as DECODED_CACHE_MODES
 from ..data.transforms import AUGMENTATIONS
 from ..errors import ConfigError
-from ..hardware import PRECISIONS
+from ..hardware import PRECISIONS, parse_device
 from ..models import check_architecture
 from ..wrappers import TTA_MODES
 from .recipe import BALANCE_MODES
@@ -46,7 +46,8 @@ class TrainConfig:
     augment: str = "standard"
     min_crop_scale: float = 0.35
     bn: str = "frozen"
-    sync_bn: bool = False  # under DDP with --bn train: BatchNorm statistics over the global batch
+    # under torchrun on CUDA with --bn train: BatchNorm statistics over the global batch (CUDA only)
+    sync_bn: bool = False
     head_stage: bool = True
     feature_cache: bool = (
         True  # reuse the head stage's pooled features across runs (see data/feature_cache.py)
@@ -75,6 +76,7 @@ class TrainConfig:
         if not self.data:
             raise ConfigError("no dataset given")
         check_architecture(self.model)
+        parse_device(self.device)
         checks = [
             (self.epochs >= 0, f"epochs must be >= 0, got {self.epochs}"),
             (self.img_size is None or self.img_size >= 32, f"img-size must be >= 32, got {self.img_size}"),
@@ -114,6 +116,10 @@ class TrainConfig:
             (0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}"),
             (0 < self.val_fraction < 1, f"val-fraction must be in (0, 1), got {self.val_fraction}"),
             (0 < self.min_crop_scale <= 1, f"min-crop-scale must be in (0, 1], got {self.min_crop_scale}"),
+            (
+                not (self.sync_bn and self.device == "cpu"),
+                "--sync-bn is for CUDA (SyncBatchNorm has no CPU implementation): drop it with --device cpu",
+            ),
             (
                 self.epochs > 0 or self.head_stage,
                 "with --epochs 0 the head stage is the whole run: keep it on",

@@ -34,6 +34,7 @@ from ..distributed import (
     broadcast_module,
     gather_rows,
     init_distributed,
+    process_device,
     shutdown,
     sum_across,
 )
@@ -46,7 +47,7 @@ from ..evaluate import (
     write_evaluation,
 )
 from ..fileio import atomic_write_json, atomic_write_text
-from ..hardware import Runtime, apply_threads, default_num_workers, resolve_runtime
+from ..hardware import Runtime, apply_device, default_num_workers, pin_memory, resolve_runtime
 from ..models import (
     PretrainedSource,
     apply_pretrained,
@@ -79,6 +80,7 @@ from .recipe import (
 from .state import load_state, restore, save_state
 
 TRAIN_CONFIG = "train_config.json"
+POSTFIX_EVERY = 10  # steps between progress-bar updates of the running loss (each one waits for the GPU)
 HISTORY_COLUMNS = (
     "epoch",
     "stage",
@@ -108,7 +110,7 @@ def default_img_size(pretrained: PretrainedSource) -> int:
 
 
 def default_batch_size(runtime: Runtime, img_size: int) -> int:
-    if runtime.device == "cuda":
+    if runtime.device_type == "cuda":
         return 64
     return 32 if img_size <= 192 else 16
 
@@ -195,12 +197,21 @@ class Trainer:
         self._weights_fingerprint: str | None = None
         self.ema = None  # --ema: the averaged copy that is validated and kept
         self.frozen_modules: list[nn.Module] = []  # --frozen-blocks, set with the optimizer
+        self.scaler: torch.amp.GradScaler | None = (
+            None  # fp16's loss scale, saved and resumed with the optimizer
+        )
 
     # -- set-up -------------------------------------------------------------------------------
     def prepare(self) -> None:
         config = self.config
         self._seed()  # before anything random: the split, the head's initialisation, the first batches
-        self.runtime = resolve_runtime(config.device, config.precision)
+        # Under torchrun each process resolves its own GPU (its LOCAL_RANK's) before anything touches CUDA.
+        self.runtime = resolve_runtime(process_device(config.device), config.precision)
+        if config.sync_bn and self.runtime.device_type != "cuda":
+            raise ConfigError(
+                f"--sync-bn is for CUDA (SyncBatchNorm has no CPU implementation), and this run is on "
+                f"{self.runtime.device}: drop --sync-bn"
+            )
         self.dist = init_distributed(self.runtime.device)
         if self.dist.enabled:
             # Processes on one machine share its cores; only rank 0 talks and writes.
@@ -208,7 +219,7 @@ class Trainer:
             self.runtime = replace(self.runtime, threads=cpu_threads)
             if not self.dist.is_main:
                 self.say = lambda _message: None
-        apply_threads(self.runtime)
+        apply_device(self.runtime)
         self.say(f"device: {self.runtime.describe()}")
         if self.dist.enabled:
             self.say(f"distributed: {self.dist.world_size} processes ({self.dist.backend})")
@@ -241,7 +252,7 @@ class Trainer:
         config.img_size = config.img_size or default_img_size(self.pretrained)
         config.batch_size = config.batch_size or default_batch_size(self.runtime, config.img_size)
         if config.num_workers is None:
-            config.num_workers = default_num_workers(self.runtime)
+            config.num_workers = default_num_workers(self.runtime, self.dist.local_world_size)
         if config.lr is None:
             config.lr = config.head_lr
         elif config.lr == "auto" and self.dist.enabled:
@@ -265,6 +276,10 @@ class Trainer:
         apply_pretrained(self.model, self.pretrained)
         if config.sync_bn and self.dist.enabled:
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        elif config.sync_bn:
+            self.say(
+                "note: --sync-bn has no effect in a single process (it syncs across torchrun's processes)"
+            )
         self.model.to(self.runtime.device, memory_format=torch.channels_last)
         broadcast_module(self.dist, self.model)  # one starting point everywhere, even from scratch
         self.meta = build_model_meta(
@@ -410,7 +425,12 @@ class Trainer:
         config, runtime = self.config, self.runtime
         sampler = plan[epoch - 1]["sampler"]
         global_sizes = sampler.global_batch_sizes()
-        loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=config.num_workers)
+        loader = torch.utils.data.DataLoader(
+            train_set,
+            batch_sampler=sampler,
+            num_workers=config.num_workers,
+            pin_memory=pin_memory(runtime),
+        )
         # One warm-up + cosine schedule over every step of every epoch (epochs may differ in batch size).
         steps_before = sum(len(p["sampler"]) for p in plan[: epoch - 1])
         total, warmup = (
@@ -419,7 +439,11 @@ class Trainer:
         )
         mixing = batch_mixing(config.mixup, config.cutmix, len(self.source.class_names))
         self.train_mode(network)
-        loss_sum, correct, seen, lr = 0.0, 0, 0, 0.0
+        # Summed on the device: reading a number back every step would make the CPU wait for the GPU
+        # instead of queueing the next step. float64, so the sums are those of Python floats.
+        loss_total = torch.zeros((), dtype=torch.float64, device=runtime.device)
+        correct_total = torch.zeros((), dtype=torch.int64, device=runtime.device)
+        seen, lr = 0, 0.0
         started = time.perf_counter()
         bar = tqdm(
             loader, desc=f"epoch {epoch}/{config.epochs}", leave=False, disable=config.quiet, unit="batch"
@@ -435,8 +459,8 @@ class Trainer:
                 images, targets = mixing(images, labels)
             images, labels, targets = (
                 to_device(images, runtime),
-                labels.to(runtime.device),
-                targets.to(runtime.device),
+                labels.to(runtime.device, non_blocking=True),
+                targets.to(runtime.device, non_blocking=True),
             )
             with runtime.autocast():
                 logits = network(images)
@@ -449,10 +473,14 @@ class Trainer:
             scaler.update()
             if self.ema is not None:
                 self.ema.update_parameters(self.model)
-            loss_sum += summed.item()
-            correct += (logits.argmax(1) == labels).sum().item()
+            loss_total += summed.detach().double()
+            correct_total += (logits.argmax(1) == labels).sum()
             seen += len(labels)
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+            if not bar.disable and step % POSTFIX_EVERY == 0:
+                bar.set_postfix(
+                    loss=f"{loss_total.item() / seen:.3f}", acc=f"{correct_total.item() / seen:.3f}"
+                )
+        loss_sum, correct = loss_total.item(), int(correct_total.item())
         seconds = time.perf_counter() - started
         loss_sum, correct, seen = sum_across(self.dist, loss_sum, correct, seen)
         images_per_s = seen / max(1e-9, seconds)
@@ -515,7 +543,7 @@ class Trainer:
                 if improved:
                     best = {"best": {"epoch": row["epoch"], "val_accuracy": row["val_acc"]}}
                     write_model(self.run_dir, self.kept_model, self.meta | best)
-                save_state(self.run_dir, row["epoch"], self.model, optimizer, progress, self.ema)
+                save_state(self.run_dir, row["epoch"], self.model, optimizer, progress, self.ema, self.scaler)
                 write_history(self.run_dir, history)
             barrier(self.dist)
             self.say(epoch_line(row) + ("  *best" if progress["best_epoch"] == row["epoch"] else ""))
@@ -544,13 +572,15 @@ class Trainer:
                 restore(self.model, None, state, tensors)
             self.choose_lr()
         optimizer = self.make_optimizer()
+        self.scaler = self.runtime.grad_scaler()
         plan = self.epoch_plan(len(self.source.splits["train"].items)) if config.epochs else []
         if config.ema and plan:
             decay = ema_decay_for(len(plan[0]["sampler"]), config.ema_decay)
             self.ema = make_ema(self.model, decay)
             self.say(f"EMA of the weights, decay {decay:.4f} per step")
         if state is not None:
-            restore(self.model, optimizer, state, tensors, self.ema)
+            # fp16's loss scale too: a fresh scaler would re-learn it, skipping steps the run did take.
+            restore(self.model, optimizer, state, tensors, self.ema, self.scaler)
             self.model.to(self.runtime.device, memory_format=torch.channels_last)
         start = (state["epoch"] if state else 0) + 1
         if not progress["done"] and start <= config.epochs:
@@ -580,9 +610,9 @@ class Trainer:
         )
         network = self.model
         if self.dist.enabled:
-            device_ids = [self.dist.local_rank] if self.runtime.device == "cuda" else None
+            device = torch.device(self.runtime.device)
+            device_ids = [device.index] if device.type == "cuda" else None
             network = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
-        scaler = torch.amp.GradScaler(self.runtime.device, enabled=self.runtime.precision == "fp16")
         for epoch in range(start, config.epochs + 1):
             if progress["bad_epochs"] >= config.patience:
                 break
@@ -597,7 +627,7 @@ class Trainer:
                 ).train_transform(config.augment, config.min_crop_scale)
                 self.say(f"epoch {epoch}: training at {size} px, batch {plan[epoch - 1]['batch']}")
             train_loss, train_acc, lr, images_per_s = self.train_epoch(
-                epoch, optimizer, scaler, network, train_set, criterion, plan
+                epoch, optimizer, self.scaler, network, train_set, criterion, plan
             )
             val_loss, val_acc = self.validate()
             record(

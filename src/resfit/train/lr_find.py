@@ -51,6 +51,7 @@ from ..distributed import DistContext, GlobalBatchSampler
 from ..errors import ConfigError
 from ..evaluate import to_device
 from ..fileio import atomic_write, atomic_write_json
+from ..hardware import pin_memory
 from ..models import set_backbone_trainable
 from .config import DEFAULT_LR, TrainConfig
 from .recipe import balanced_class_weights, batch_mixing, class_counts
@@ -188,7 +189,7 @@ class _Snapshot:
 
 
 def _training_batches(
-    train_set: ImageDataset, batch_size: int, seed: int, num_workers: int
+    train_set: ImageDataset, batch_size: int, seed: int, num_workers: int, pin: bool = False
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Training batches, pass after pass, each pass shuffled and augmented from (seed, pass) alone."""
     epoch = 0
@@ -196,7 +197,9 @@ def _training_batches(
         epoch += 1
         train_set.set_epoch(seed, epoch)
         sampler = GlobalBatchSampler(len(train_set), batch_size, DistContext(), seed, epoch)
-        yield from torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=num_workers)
+        yield from torch.utils.data.DataLoader(
+            train_set, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin
+        )
 
 
 def range_test(
@@ -241,9 +244,11 @@ def range_test(
         finally:
             config.lr = chosen
         shares = [group["lr"] for group in optimizer.param_groups]
-        scaler = torch.amp.GradScaler(runtime.device, enabled=runtime.precision == "fp16")
+        scaler = runtime.grad_scaler()
         trainer.train_mode(model)
-        batches = _training_batches(train_set, config.batch_size, config.seed, config.num_workers)
+        batches = _training_batches(
+            train_set, config.batch_size, config.seed, config.num_workers, pin_memory(runtime)
+        )
         average, lowest = 0.0, math.inf
         bar = tqdm(
             sweep_lrs(start_lr, end_lr, steps), desc="lr range test", leave=False, disable=config.quiet
@@ -254,7 +259,7 @@ def range_test(
             images, targets = next(batches)
             if mixing is not None:
                 images, targets = mixing(images, targets)
-            images, targets = to_device(images, runtime), targets.to(runtime.device)
+            images, targets = to_device(images, runtime), targets.to(runtime.device, non_blocking=True)
             with runtime.autocast():
                 logits = model(images)
             loss = criterion(logits.float(), targets)

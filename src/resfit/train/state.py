@@ -85,8 +85,12 @@ def save_state(
     optimizer: torch.optim.Optimizer | None,
     progress: dict,
     ema: nn.Module | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> None:
-    """Save everything needed to continue after ``epoch`` (0 = after the head stage)."""
+    """Save everything needed to continue after ``epoch`` (0 = after the head stage).
+
+    ``scaler``: fp16's GradScaler; its loss scale and growth counter are plain numbers, kept in the JSON.
+    """
     folder = Path(run_dir) / RESUME_DIR
     rng_meta, rng_tensors = rng_state()
     optim_meta, optim_tensors = _optimizer_tensors(optimizer)
@@ -99,7 +103,14 @@ def save_state(
     atomic_write(folder / weights_name, lambda tmp: save_file(tensors, tmp))
     atomic_write_json(
         folder / STATE_JSON,
-        {"epoch": epoch, "tensors": weights_name, "optimizer": optim_meta, "rng": rng_meta, **progress},
+        {
+            "epoch": epoch,
+            "tensors": weights_name,
+            "optimizer": optim_meta,
+            "scaler": scaler.state_dict() if scaler is not None else {},
+            "rng": rng_meta,
+            **progress,
+        },
     )
     for old in folder.glob("epoch-*.safetensors"):
         if old.name != weights_name:
@@ -124,10 +135,14 @@ def restore(
     state: dict,
     tensors: dict,
     ema: nn.Module | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> None:
     model.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
     if ema is not None and any(k.startswith("ema.") for k in tensors):
         ema.load_state_dict({k[len("ema.") :]: v for k, v in tensors.items() if k.startswith("ema.")})
     if optimizer is not None and state.get("optimizer"):
         _restore_optimizer(optimizer, state["optimizer"], tensors)
+    # A disabled scaler (fp32, bf16) saves {}; a state from before scalers were saved has none.
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"], tensors)
