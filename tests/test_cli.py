@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+from test_export import train_tiny_run
 
 from resfit.cli import main
 
@@ -42,3 +46,40 @@ def test_python_dash_m_is_the_same_cli():
     assert result.returncode == 0 and result.stdout.startswith("resfit ")
     result = run_cli("scan", "/no/such/data")
     assert result.returncode == 3 and len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_imagefolder, tmp_path_factory) -> Path:
+    return train_tiny_run(tiny_imagefolder, tmp_path_factory.getbasetemp() / "deploy-tiny-run")
+
+
+def test_user_fixable_evaluate_errors_have_documented_codes(tiny_run, tiny_imagefolder, tmp_path, capsys):
+    other = tmp_path / "other-classes"
+    shutil.copytree(tiny_imagefolder, other)
+    for split in ("train", "val"):
+        (other / split / "red").rename(other / split / "green")
+    cases = [
+        (["evaluate", str(tiny_run), str(other), "--backend", "torch"], 3, "differ from the model's"),
+        (
+            ["evaluate", str(tiny_run), str(tiny_imagefolder), "--split", "test", "--backend", "torch"],
+            3,
+            "no test",
+        ),
+        (["train"], 2, "needs DATA"),
+        (["predict", str(tiny_run), str(tmp_path / "empty-folder")], 3, "no files to predict"),
+    ]
+    (tmp_path / "empty-folder").mkdir()
+    for args, code, fragment in cases:
+        assert main(args) == code, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert fragment in err[-1] and err[-1].startswith("resfit: error:"), err
+
+
+def test_scan_writes_the_report_it_names(tiny_imagefolder, tmp_path, capsys):
+    assert main(["scan", str(tiny_imagefolder)]) == 0
+    assert "data_report.json" not in capsys.readouterr().out  # nothing written, so no file named
+    report = tmp_path / "reports" / "tiny.json"
+    assert main(["scan", str(tiny_imagefolder), "--report", str(report)]) == 0
+    assert f"see {report}" in capsys.readouterr().out.splitlines()[0]
+    written = json.loads(report.read_text())
+    assert written["class_counts"]["train"] == {"blue": 12, "red": 12} and written["skipped"] == []

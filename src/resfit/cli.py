@@ -9,7 +9,8 @@ from dataclasses import fields
 from pathlib import Path
 
 from . import __version__
-from .errors import ResfitError
+from .errors import ConfigError, DataError, ResfitError
+from .fileio import atomic_write_json
 from .train.config import OPTIMIZERS, TrainConfig
 
 EXIT_INTERRUPTED = 130
@@ -218,7 +219,7 @@ def _run_train(args) -> int:
         resume(args.resume)
         return 0
     if not args.data:
-        raise ResfitError("train needs DATA (or --resume RUN_DIR)")
+        raise ConfigError("train needs DATA (or --resume RUN_DIR)")
     known = {f.name for f in fields(TrainConfig)}
     config = TrainConfig(**{k: v for k, v in vars(args).items() if k in known})
     train(config)
@@ -367,7 +368,7 @@ def _run_serve(args) -> int:
     from .serve import MB, ServeConfig, run_server
 
     if not 1 <= args.port <= 65535:
-        raise ResfitError(f"--port must be between 1 and 65535, got {args.port}")
+        raise ConfigError(f"--port must be between 1 and 65535, got {args.port}")
     config = ServeConfig(
         max_upload_bytes=int(args.max_upload_mb * MB), max_pixels=args.max_pixels, top_k=args.top_k
     )
@@ -389,9 +390,9 @@ def _run_evaluate(args) -> int:
         args.data, val_fraction=training.get("val_fraction", 0.2), seed=training.get("seed", 0)
     )
     if args.split not in source.splits:
-        raise ResfitError(f"{args.data} has no {args.split} split (it has {', '.join(source.splits)})")
+        raise DataError(f"{args.data} has no {args.split} split (it has {', '.join(source.splits)})")
     if source.class_names != classifier.class_names:
-        raise ResfitError(
+        raise DataError(
             f"the classes of {args.data} {source.class_names} differ from the model's {classifier.class_names}"
         )
     trained_with = classifier.meta.get("precision")
@@ -408,7 +409,7 @@ def _run_evaluate(args) -> int:
     if args.json:
         print(json.dumps(metrics, indent=2))
     else:
-        print(report.summary_line())
+        print(report.summary_line(report_file=None))
         print(format_metrics_table(metrics))
     return 0
 
@@ -425,7 +426,7 @@ def _run_predict(args) -> int:
 
     paths = expand_inputs(args.paths)
     if not paths:
-        raise ResfitError("no files to predict")
+        raise DataError(f"no files to predict in {' '.join(args.paths)}")
     classifier = _load_classifier(args)
     failed = 0
     for prediction in classifier.predict_paths(paths, top_k=args.top_k):
@@ -448,10 +449,13 @@ def _run_scan(args) -> int:
     source, report = load_dataset(
         args.data, val_fraction=args.val_fraction, seed=args.seed, progress=not args.json
     )
+    if args.report:
+        atomic_write_json(Path(args.report), report.to_dict())
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
         return 0
-    print(report.summary_line())
+    # Without --report the full report is what follows on screen: name no file that was not written.
+    print(report.summary_line(args.report))
     for note in source.notes:
         print(f"note: {note}")
     for split, counts in report.class_counts.items():
@@ -530,7 +534,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("scan", help="check a dataset: classes, splits, unreadable and converted files")
     p.add_argument("data")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the whole report as JSON")
+    p.add_argument("--report", metavar="FILE", help="also write the report (data_report.json) to FILE")
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)
     return parser
@@ -554,7 +559,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except ResfitError as error:
-        print(f"resfit: error: {error}", file=sys.stderr)
+        # One line, whatever a library's message held (tracebacks of other processes, wrapped text).
+        print(f"resfit: error: {' '.join(str(error).split())}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
         print("resfit: interrupted", file=sys.stderr)

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .data.transforms import MIN_SIZE, Preprocessing
 from .errors import ConfigError, WeightsError
 from .vision import models as tv_models
 
@@ -179,8 +180,10 @@ def _load_state_file(path: Path) -> dict[str, torch.Tensor]:
                 f"{path}: refused to load: it holds pickled objects, not just tensors "
                 f"(only weights_only checkpoints are loaded; {str(error).splitlines()[0]})"
             ) from error
-        except (RuntimeError, OSError, EOFError) as error:
-            raise WeightsError(f"{path}: not a readable PyTorch checkpoint ({error})") from error
+        except Exception as error:  # noqa: BLE001 - a malformed file makes the unpickler raise any type
+            raise WeightsError(
+                f"{path}: not a readable PyTorch checkpoint ({type(error).__name__}: {error})"
+            ) from None
     for wrapper in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
@@ -190,36 +193,74 @@ def _load_state_file(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _read_card(path: Path) -> dict:
-    """A JSON card beside the weights (same stem) may state the resolution and normalisation they were trained at."""
+    """A JSON card beside the weights (same stem) may state the resolution and normalisation they were trained at.
+
+    A card that is there but unreadable, or states impossible values, is refused: silently ignoring it
+    would train with the wrong normalisation.
+    """
     card_path = path.with_suffix(".json")
     if not card_path.is_file():
         return {}
     try:
-        card = json.loads(card_path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return card if isinstance(card, dict) else {}
+        card = json.loads(card_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise WeightsError(f"weights card {card_path}: not readable JSON ({error})") from None
+    if not isinstance(card, dict):
+        raise WeightsError(f"weights card {card_path}: expected a JSON object, got {type(card).__name__}")
+    return card
+
+
+def _card_preprocessing(card: dict, card_path: Path) -> tuple[tuple | None, tuple | None, int | None]:
+    """(mean, std, train size) the card states, each None where it says nothing; values are range-checked."""
+    recipe = card.get("recipe", {})
+    if not isinstance(recipe, dict):
+        raise WeightsError(f"weights card {card_path}: recipe must be an object")
+    key = "normalisation" if "normalisation" in recipe else "normalization"
+    norm = recipe.get(key) or {}
+    size = recipe.get("train_size_px")
+    if not isinstance(norm, dict):
+        raise WeightsError(f"weights card {card_path}: recipe.{key} must be an object with mean and std")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int)):
+        raise WeightsError(f"weights card {card_path}: recipe.train_size_px must be an integer, got {size!r}")
+    mean, std = norm.get("mean"), norm.get("std")
+    if (mean is None) != (std is None):
+        raise WeightsError(f"weights card {card_path}: recipe.{key} needs both mean and std")
+    try:
+        Preprocessing.from_dict(
+            {
+                "crop_size": MIN_SIZE if size is None else size,
+                "resize_size": MIN_SIZE if size is None else size,
+                "mean": mean if mean is not None else IMAGENET_MEAN,
+                "std": std if std is not None else IMAGENET_STD,
+            }
+        )
+    except ConfigError as error:
+        field = f"recipe.{key}." if not str(error).startswith(("crop_size", "resize_size")) else ""
+        message = str(error).replace("crop_size", "recipe.train_size_px", 1)
+        raise WeightsError(f"weights card {card_path}: {field}{message}") from None
+    as_tuple = (lambda values: tuple(float(v) for v in values)) if mean is not None else (lambda _: None)
+    return as_tuple(mean), as_tuple(std), size
 
 
 def _load_file(path: Path) -> PretrainedSource:
     state_dict = _load_state_file(path)
     card = _read_card(path)
     source = PretrainedSource(kind="file", description=str(path), state_dict=state_dict, card=card)
-    recipe = card.get("recipe", {})
-    norm = recipe.get("normalisation") or recipe.get("normalization") or {}
-    if len(norm.get("mean", ())) == 3 and len(norm.get("std", ())) == 3:
-        source.mean, source.std = tuple(norm["mean"]), tuple(norm["std"])
-    if isinstance(recipe.get("train_size_px"), int):
-        source.crop_size = recipe["train_size_px"]
+    mean, std, size = _card_preprocessing(card, path.with_suffix(".json"))
+    if mean is not None:
+        source.mean, source.std = mean, std
+    if size is not None:
+        source.crop_size = size
     # A previous resfit run's model.safetensors comes with model.json: reuse its preprocessing.
     run_json = path.parent / "model.json"
     if path.name == "model.safetensors" and run_json.is_file():
         try:
-            prep = json.loads(run_json.read_text()).get("preprocessing", {})
-            source.mean, source.std = tuple(prep["mean"]), tuple(prep["std"])
-            source.crop_size = int(prep["crop_size"])
-        except (OSError, KeyError, TypeError, ValueError, json.JSONDecodeError):
-            pass
+            prep = Preprocessing.from_dict(json.loads(run_json.read_text(encoding="utf-8"))["preprocessing"])
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
+            raise WeightsError(f"{run_json}: its preprocessing cannot be read ({error})") from None
+        except ConfigError as error:
+            raise WeightsError(f"{run_json}: preprocessing.{error}") from None
+        source.mean, source.std, source.crop_size = prep.mean, prep.std, prep.crop_size
     return source
 
 

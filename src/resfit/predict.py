@@ -15,7 +15,7 @@ from .backends import BackendChoice, OnnxRuntimeBackend, OpenVinoBackend, TorchB
 from .data.images import open_rgb
 from .data.scan import default_cache_dir
 from .data.transforms import Preprocessing
-from .errors import ImageReadError, ResfitError
+from .errors import ImageReadError
 from .evaluate import softmax
 from .export import cached_export, cached_int8_export
 from .hardware import Runtime, apply_threads, resolve_runtime
@@ -166,16 +166,20 @@ class Classifier:
     def predict_paths(
         self, paths: Iterable[str], top_k: int = 5, batch_size: int = PREDICT_BATCH_SIZE
     ) -> Iterator[Prediction]:
-        """Predictions in input order, batched; an unreadable file yields an error entry and the rest go on."""
-        pending: list[tuple[str, Image.Image | None, str | None]] = []
+        """Predictions in input order, batched; an unreadable file yields an error entry and the rest go on.
+
+        Each image is preprocessed as soon as it is decoded, so a batch holds small tensors, not up to
+        ``batch_size`` full-size decoded photos.
+        """
+        pending: list[tuple[str, torch.Tensor | None, str | None]] = []
 
         def flush() -> Iterator[Prediction]:
-            images = [image for _, image, _ in pending if image is not None]
-            rows = iter(self.predict_proba(images)) if images else iter(())
-            for path, image, error in pending:
+            inputs = [tensor for _, tensor, _ in pending if tensor is not None]
+            rows = iter(softmax(self.logits(torch.stack(inputs).numpy()))) if inputs else iter(())
+            for path, tensor, error in pending:
                 yield (
                     Prediction(path, error=error)
-                    if image is None
+                    if tensor is None
                     else Prediction(path, self._top_k(next(rows), top_k))
                 )
             pending.clear()
@@ -183,7 +187,7 @@ class Classifier:
         decoded = 0
         for path in paths:
             try:
-                pending.append((path, open_rgb(path)[0], None))
+                pending.append((path, self.transform(open_rgb(path)[0]), None))
                 decoded += 1
             except ImageReadError as error:
                 pending.append((path, None, error.reason))
@@ -195,7 +199,10 @@ class Classifier:
 
 
 def expand_inputs(inputs: Iterable[str]) -> list[str]:
-    """Files as given; folders walked recursively in sorted order, hidden names skipped."""
+    """Files as given; folders walked recursively in sorted order, hidden names skipped.
+
+    A path that does not exist is kept: reading it fails with "file not found" on that input's own line.
+    """
     paths: list[str] = []
     for raw in inputs:
         path = Path(raw)
@@ -203,10 +210,8 @@ def expand_inputs(inputs: Iterable[str]) -> list[str]:
             for root, dirs, files in os.walk(path):
                 dirs[:] = sorted(d for d in dirs if not d.startswith("."))
                 paths += [str(Path(root) / f) for f in sorted(files) if not f.startswith(".")]
-        elif path.exists():
-            paths.append(str(path))
         else:
-            raise ResfitError(f"no such file or folder: {raw}")
+            paths.append(str(path))
     return paths
 
 

@@ -8,13 +8,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .data.transforms import Preprocessing
-from .errors import RunFolderError
+from .errors import ConfigError, RunFolderError
 from .fileio import atomic_write, atomic_write_json
-from .models import build_model
+from .models import build_model, check_architecture
 from .wrappers import EnsembleModel, TTAWrapper, check_tta, tta_sizes
 
 FORMAT = "resfit-run"
@@ -24,6 +26,7 @@ MODEL_META = "model.json"
 ENSEMBLE = (
     "ensemble"  # model.json "architecture" of a late-fusion ensemble; its members are listed in "members"
 )
+MAX_CLASSES = 100_000
 
 
 def library_versions() -> dict[str, str]:
@@ -85,12 +88,98 @@ def read_meta(run_dir: Path) -> dict:
             f"{run_dir} has no trained model yet ({MODEL_META} and {MODEL_WEIGHTS} are written after the first epoch)"
         )
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as error:
+        raise RunFolderError(f"{meta_path}: cannot be read ({error})") from None
     except json.JSONDecodeError as error:
-        raise RunFolderError(f"{meta_path}: not valid JSON ({error})") from error
-    if meta.get("format") != FORMAT or int(meta.get("format_version", 0)) > FORMAT_VERSION:
-        raise RunFolderError(f"{meta_path}: not a resfit run (or from a newer resfit)")
+        raise RunFolderError(f"{meta_path}: not valid JSON ({error})") from None
+    check_meta(meta, meta_path)
     return meta
+
+
+class _MemberMeta(BaseModel):
+    """One member of an ensemble as its model.json lists it."""
+
+    model_config = ConfigDict(extra="allow")
+    architecture: StrictStr
+    num_classes: StrictInt = Field(ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1, allow_inf_nan=False)
+    preprocessing: dict
+    weight: float = Field(ge=0, le=1, allow_inf_nan=False)
+
+
+class _ModelMeta(BaseModel):
+    """What model.json must hold for resfit to rebuild and use the model (other fields are kept as they are)."""
+
+    model_config = ConfigDict(extra="allow")
+    format_version: StrictInt = Field(ge=1)
+    architecture: StrictStr
+    num_classes: StrictInt = Field(ge=1, le=MAX_CLASSES)
+    class_names: list[StrictStr]
+    dropout: float = Field(0.0, ge=0, lt=1, allow_inf_nan=False)
+    preprocessing: dict
+    tta: StrictStr | None = None
+    members: list[_MemberMeta] | None = None
+
+
+def check_meta(meta: object, meta_path: Path) -> None:
+    """model.json's fields, types and value ranges; the first problem is a RunFolderError naming the field."""
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise RunFolderError(f'{meta_path}: not a resfit run (no "format": "{FORMAT}")')
+    if isinstance(meta.get("format_version"), int) and meta["format_version"] > FORMAT_VERSION:
+        raise RunFolderError(
+            f"{meta_path}: format_version {meta['format_version']} is from a newer resfit "
+            f"(this one reads up to {FORMAT_VERSION})"
+        )
+    try:
+        parsed = _ModelMeta.model_validate(meta)
+    except ValidationError as error:
+        problems = error.errors()
+        first = problems[0]
+        where = ".".join(str(part) for part in first["loc"]) or "model.json"
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise RunFolderError(f"{meta_path}: {where}: {first['msg']}{more}") from None
+    try:
+        _check_consistent(parsed, meta)
+    except ConfigError as error:
+        raise RunFolderError(f"{meta_path}: {error}") from None
+
+
+def _check_consistent(parsed: _ModelMeta, meta: dict) -> None:
+    if len(parsed.class_names) != parsed.num_classes:
+        raise ConfigError(
+            f"class_names lists {len(parsed.class_names)} names but num_classes is {parsed.num_classes}"
+        )
+    if len(set(parsed.class_names)) != len(parsed.class_names):
+        raise ConfigError("class_names: the same name appears twice")
+    try:
+        Preprocessing.from_dict(meta["preprocessing"])
+    except ConfigError as error:
+        raise ConfigError(f"preprocessing.{error}") from None
+    _named("tta", check_tta, parsed.tta or "none")
+    if parsed.architecture != ENSEMBLE:
+        _named("architecture", check_architecture, parsed.architecture)
+        return
+    if not parsed.members or len(parsed.members) < 2:
+        raise ConfigError("members: an ensemble lists at least two members")
+    for index, member in enumerate(parsed.members):
+        if member.architecture == ENSEMBLE:
+            raise ConfigError(f"members.{index}: an ensemble member cannot itself be an ensemble")
+        _named(f"members.{index}.architecture", check_architecture, member.architecture)
+        if member.num_classes != parsed.num_classes:
+            raise ConfigError(f"members.{index}.num_classes: {member.num_classes}, not {parsed.num_classes}")
+        try:
+            Preprocessing.from_dict(member.preprocessing)
+        except ConfigError as error:
+            raise ConfigError(f"members.{index}.preprocessing.{error}") from None
+
+
+def _named(field: str, check, value) -> None:
+    """Run a ConfigError-raising check, with the field's name in front of its message."""
+    try:
+        check(value)
+    except ConfigError as error:
+        raise ConfigError(f"{field}: {error}") from None
 
 
 def build_from_meta(meta: dict) -> nn.Module:
@@ -132,7 +221,12 @@ def load_model(run_dir: Path, tta: str | None = None) -> tuple[nn.Module, dict]:
     run_dir = Path(run_dir)
     meta = read_meta(run_dir)
     model = build_from_meta(meta)
-    state = load_file(str(run_dir / MODEL_WEIGHTS))
+    try:
+        state = load_file(str(run_dir / MODEL_WEIGHTS))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise RunFolderError(
+            f"{run_dir / MODEL_WEIGHTS}: not a readable safetensors file ({error})"
+        ) from None
     try:
         model.load_state_dict(state)
     except RuntimeError as error:

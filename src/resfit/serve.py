@@ -110,7 +110,7 @@ def decode_upload(filename: str, data: bytes, config: ServeConfig):
 def _status_for(reason: str) -> tuple[int, str]:
     if reason.startswith("too large"):
         return 413, "too_many_pixels"
-    if reason.startswith(("not an image", "unsupported colour mode")):
+    if reason.startswith(("not an image", "unsupported")):
         return 415, "unsupported_format"
     if reason.startswith("empty"):
         return 400, "empty_file"
@@ -175,8 +175,9 @@ class Batcher:
 class BodySizeLimit:
     """ASGI middleware: a body over the limit gets 413 before any parsing, whatever Content-Length says.
 
-    The rest of an oversized body is read and dropped (up to a cap) so that the client, still sending,
-    receives the 413 instead of a reset connection.
+    A declared Content-Length over the limit is answered at once, without reading the body (which may
+    never come). A body that turns out too large as it streams is read and dropped up to a cap, so that
+    the client, still sending, receives the 413 instead of a reset connection.
     """
 
     def __init__(self, app, max_bytes: int, drain_cap: int = 128 * MB):
@@ -189,7 +190,7 @@ class BodySizeLimit:
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._reject(scope, receive, send, 0)
+            return await self._reject(scope, receive, send, None)
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -214,8 +215,9 @@ class BodySizeLimit:
 
         return await self.app(scope, replay, send)
 
-    async def _reject(self, scope, receive, send, received: int) -> None:
-        more = True
+    async def _reject(self, scope, receive, send, received: int | None) -> None:
+        """413; ``received`` is how much of the body was read (None: nothing is, it was declared too large)."""
+        more = received is not None
         while more and received <= self.drain_cap:
             message = await receive()
             if message["type"] == "http.disconnect":
@@ -225,6 +227,26 @@ class BodySizeLimit:
         detail = f"the request body exceeds the upload limit of {self.max_bytes:,} bytes"
         response = JSONResponse({"error": "upload_too_large", "detail": detail}, status_code=413)
         await response(scope, receive, send)
+
+
+class HeadAsGet:
+    """ASGI middleware: HEAD on any GET route (health checks, the page, /docs) answers as GET, without the body."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            return await self.app(scope, receive, send)
+
+        async def headers_only(message):
+            if message["type"] == "http.response.body":
+                if message.get("more_body", False):
+                    return None
+                message = {"type": "http.response.body", "body": b"", "more_body": False}
+            await send(message)
+
+        return await self.app(dict(scope, method="GET"), receive, headers_only)
 
 
 def create_app(classifier: Classifier, config: ServeConfig | None = None) -> FastAPI:
@@ -249,6 +271,7 @@ def create_app(classifier: Classifier, config: ServeConfig | None = None) -> Fas
     app.state.classifier = classifier
     app.state.config = config
     app.add_middleware(BodySizeLimit, max_bytes=config.max_upload_bytes)
+    app.add_middleware(HeadAsGet)
     _add_error_handlers(app)
     model_info = _model_info(classifier, config)
 

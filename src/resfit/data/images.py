@@ -140,6 +140,10 @@ def _decode(
         with _pillow_boundary(label, None):
             image = _open_header(fp, label)
             width, height = image.size
+        if isinstance(image, ImageFile.StubImageFile):  # WMF, HDF5, GRIB, BUFR: identified, never decoded
+            raise ImageReadError(
+                label, f"unsupported format: Pillow identifies {image.format} but has no decoder for it"
+            )
         if width < 1 or height < 1:
             raise ImageReadError(label, f"empty image: {width}x{height} pixels")
         if width * height > max_pixels:

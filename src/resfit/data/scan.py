@@ -42,7 +42,7 @@ class DataReport:
     name: str = ""  # the dataset's folder (or file) name, for the summary line
 
     def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "summary": self.summary_line()}
+        return {**dataclasses.asdict(self), "summary": self.summary_line(report_file=None)}
 
     def summary_line(self, report_file: str | None = REPORT_FILE) -> str:
         """One line for the console, e.g. 'hymenoptera: 398 images, 2 classes (train 245, val 153); ...'."""

@@ -102,7 +102,7 @@ class Preprocessing:
                 f"std must be 3 finite numbers above 0 (R, G, B), got {list(self.std)!r}",
             ),
             (
-                self.interpolation in INTERPOLATIONS,
+                isinstance(self.interpolation, str) and self.interpolation in INTERPOLATIONS,
                 f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}",
             ),
         ]
