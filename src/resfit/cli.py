@@ -139,7 +139,7 @@ def _add_train_flags(p, weights_help: str) -> None:
     p.add_argument(
         "--sync-bn",
         action="store_true",
-        help="under torchrun with --bn train: BatchNorm over the global batch",
+        help="CUDA only, under torchrun with --bn train: BatchNorm over the global batch (refused elsewhere)",
     )
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument(
@@ -148,7 +148,7 @@ def _add_train_flags(p, weights_help: str) -> None:
         default=defaults.val_fraction,
         help="held out when there is no val split",
     )
-    p.add_argument("--device", default=defaults.device, help="auto, cpu or cuda")
+    p.add_argument("--device", default=defaults.device, help="auto, cpu, cuda or cuda:N (a GPU index)")
     p.add_argument("--precision", default=defaults.precision, choices=("auto", "fp32", "bf16", "fp16"))
     p.add_argument(
         "--workers",
@@ -308,7 +308,7 @@ def _add_tta_flag(p, default_help: str) -> None:
 def _add_backend_flags(p) -> None:
     from .backends import BACKENDS, PERFORMANCE_HINTS
 
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (a GPU index)")
     p.add_argument(
         "--backend",
         default="auto",
