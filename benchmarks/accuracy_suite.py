@@ -237,6 +237,7 @@ def summarize(rows: list[dict]) -> dict:
                 "accuracy_plain_t": t_interval([r["test_acc"] for r in ordered]),
                 "pooled_accuracy": pooled,
                 "wall_s_mean": float(np.mean([r["wall_s"] for r in ordered])),
+                "wall_s_median": float(np.median([r["wall_s"] for r in ordered])),  # steadier when shared
                 "wall_s_total": float(np.sum([r["wall_s"] for r in ordered])),
                 "cpu_s_mean": float(np.mean([r.get("cpu_s", np.nan) for r in ordered])),
             }
@@ -318,7 +319,7 @@ def markdown_tables(summary: dict) -> str:
             f"**{dataset}**",
             "",
             "| recipe | fold runs | test acc % (95% CI, corrected t) | plain t CI | pooled out-of-fold % "
-            "| wall s per run | CPU s per run | acc % per wall min |",
+            "| wall s per run (median) | CPU s per run | acc % per wall min |",
             "|---|---|---|---|---|---|---|---|",
         ]
         for name, stats in entry["recipes"].items():
@@ -329,7 +330,7 @@ def markdown_tables(summary: dict) -> str:
             per_min = stats["accuracy"]["mean"] * 100 / (stats["wall_s_mean"] / 60)
             lines.append(
                 f"| {name} | {stats['fold_runs']} | {_fmt_interval(stats['accuracy'])} | {plain_text} | "
-                f"{stats['pooled_accuracy'] * 100:.1f} | {stats['wall_s_mean']:.0f} | {stats['cpu_s_mean']:.0f} | {per_min:.1f} |"
+                f"{stats['pooled_accuracy'] * 100:.1f} | {stats['wall_s_mean']:.0f} ({stats['wall_s_median']:.0f}) | {stats['cpu_s_mean']:.0f} | {per_min:.1f} |"
             )
         lines += [
             "",
