@@ -1,21 +1,27 @@
 """CPU inference side by side, in one run: eager fp32 PyTorch against every backend and precision, and `auto`.
 
     python benchmarks/inference_backends.py [--archs resnet50,resnet101] [--batch 16] [--repeats 5]
+        [--emulated] [--score-images 200] [--json PATH]
 
 The models are the Imagenette sources in ../shared/weights (10 classes) written as resfit run folders
 at 224 px, so every backend goes through the same path as `resfit predict` (Classifier.load, on-the-fly
 export to the cache). Throughput is images/s at the given batch on real photos (hymenoptera val),
 the median of --repeats rounds; the configurations take turns within each round, so a noisy moment
 hits all of them alike. Top-1 agreement and max |logit difference| are against eager fp32 PyTorch on
-every hymenoptera photo (train + val, ~400), a stricter test with a 10-class head than with 2 classes.
-int8 (opt-in, `--precision int8`) is calibrated on the train photos, so its agreement includes them.
+hymenoptera photos (train + val: --score-images of the ~400, evenly spaced; 0 = all), a stricter test with
+a 10-class head than with 2 classes. int8 (opt-in, `--precision int8`) is calibrated on the train photos, so
+its agreement includes them. On a CPU without native bf16 the bf16 configurations (emulated, several times
+slower than fp32) are left out unless --emulated asks for them. The JSON (machine, commit, command, rows)
+goes to benchmarks/results/ unless --json names another file.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -76,7 +82,7 @@ def eager_fp32(model: torch.nn.Module):
     return run
 
 
-def configurations(run: Path, cache: Path, threads: int) -> list[Config]:
+def configurations(run: Path, cache: Path, threads: int, with_bf16: bool) -> list[Config]:
     def torch_model():
         return Classifier.load(run, backend="torch", precision="fp32").model
 
@@ -85,10 +91,13 @@ def configurations(run: Path, cache: Path, threads: int) -> list[Config]:
     configs = [
         Config("torch eager fp32 (baseline)", lambda: eager_fp32(torch_model())),
         Config("torch channels_last fp32", lambda: TorchBackend(torch_model(), "fp32")),
-        Config("torch channels_last bf16 autocast", lambda: TorchBackend(torch_model(), "bf16")),
         Config("onnxruntime fp32", lambda: OnnxRuntimeBackend(onnx, threads)),
     ]
-    for precision in ("fp32", "bf16"):
+    if with_bf16:
+        configs.append(
+            Config("torch channels_last bf16 autocast", lambda: TorchBackend(torch_model(), "bf16"))
+        )
+    for precision in ("fp32", "bf16") if with_bf16 else ("fp32",):
         for hint in ("LATENCY", "THROUGHPUT"):
             configs.append(
                 Config(
@@ -112,9 +121,12 @@ def images_per_second(run_batch, batch: np.ndarray, calls: int) -> float:
     return calls * len(batch) / (time.perf_counter() - started)
 
 
-def load_photos(classifier: Classifier) -> tuple[list[str], np.ndarray]:
+def load_photos(classifier: Classifier, count: int) -> tuple[list[str], np.ndarray]:
+    """``count`` hymenoptera photos spaced evenly over the sorted list (0: all of them)."""
     root = SHARED / "data" / "hymenoptera"
     paths = sorted(str(p) for p in root.rglob("*.jpg"))
+    if 0 < count < len(paths):
+        paths = [paths[round(i * len(paths) / count)] for i in range(count)]
     return paths, classifier.preprocess(paths)
 
 
@@ -126,9 +138,12 @@ def bench_arch(arch: str, args, work: Path) -> dict:
     cache = work / "cache"
     auto = Classifier.load(run, config=InferenceConfig(cache_dir=str(cache)))
     print(f"\n== {arch} @224, batch {args.batch} ==  auto: {auto.choice.describe()}", flush=True)
-    paths, photos = load_photos(auto)
+    paths, photos = load_photos(auto, args.score_images)
     batch = photos[: args.batch]
-    configs = configurations(run, cache, threads)
+    with_bf16 = cpu.native_bf16 or args.emulated
+    if not with_bf16:
+        print("bf16 configurations left out: this CPU has no native bf16 (--emulated times them)", flush=True)
+    configs = configurations(run, cache, threads, with_bf16)
     configs.append(Config(f"auto -> {auto.choice.name} {auto.choice.precision}", lambda: auto.logits))
     runners = {c.label: c.make() for c in configs}
     for runner in runners.values():  # warm-up: first calls compile kernels / allocate
@@ -189,7 +204,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5, help="rounds; the median is reported")
     parser.add_argument("--calls", type=int, default=2, help="batches timed per configuration per round")
-    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument(
+        "--score-images", type=int, default=200, help="photos the agreement is scored on (0 = all ~400)"
+    )
+    parser.add_argument("--emulated", action="store_true", help="also time bf16 on a CPU without native bf16")
+    parser.add_argument(
+        "--json", help="where the results go (default benchmarks/results/inference_backends-*.json)"
+    )
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     import onnxruntime
@@ -206,8 +227,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="resfit-bench-") as work:
         for arch in args.archs.split(","):
             results.append(bench_arch(arch.strip(), args, Path(work)))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"cpu": cpu.describe(), "results": results}, indent=2))
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    out = (
+        Path(args.json) if args.json else REPO / "benchmarks" / "results" / f"inference_backends-{stamp}.json"
+    )
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
+    dirty = subprocess.run(["git", "status", "--porcelain", "src"], cwd=REPO, capture_output=True, text=True)
+    record = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "commit": commit.strip(),
+        "src_dirty": bool(dirty.stdout.strip()),
+        "cpu": cpu.describe(),
+        "isa_limits": {k: os.environ.get(k) for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")},
+        "results": results,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

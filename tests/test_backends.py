@@ -6,13 +6,14 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from test_export import train_tiny_run
 
-from resfit.backends import OpenVinoBackend, choose_backend
+from resfit.backends import OpenVinoBackend, choose_backend, time_engines
 from resfit.errors import ConfigError
 from resfit.export import ExportError
 from resfit.hardware import CpuInfo
@@ -164,3 +165,45 @@ def test_int8_that_disagrees_with_fp32_is_refused_and_not_retried(tiny_run, tmp_
     monkeypatch.setattr(export_module, "_quantize", must_not_run)
     with pytest.raises(ExportError, match="not used"):
         Classifier.load(tiny_run, config=config)
+
+
+def test_time_engines_ranks_engines_measured_side_by_side():
+    batch = np.zeros((4, 3, 8, 8), np.float32)
+    calls = {"fast": 0, "slow": 0}
+
+    def engine(name, seconds):
+        def run(images):
+            calls[name] += 1
+            time.sleep(seconds)
+            return np.zeros((len(images), 2), np.float32)
+
+        return run
+
+    figures = time_engines({"fast": engine("fast", 0.002), "slow": engine("slow", 0.02)}, batch)
+    assert figures["fast"] > 3 * figures["slow"] > 0
+    assert calls["fast"] == calls["slow"] >= 6  # interleaved rounds: both called alike
+
+
+def test_auto_times_the_engines_once_then_keeps_the_fastest(tiny_run, tmp_path, monkeypatch):
+    said: list[str] = []
+    config = InferenceConfig(precision="fp32", cache_dir=str(tmp_path))
+    first = Classifier.load(tiny_run, config=config, say=said.append)
+    timings = list((tmp_path / "engine-timings").glob("*.json"))
+    assert len(timings) == 1 and any(line.startswith("timing ") for line in said)
+    figures = json.loads(timings[0].read_text())["images_per_second"]
+    assert set(figures) == {"openvino", "onnxruntime", "torch"} and all(v > 0 for v in figures.values())
+    assert (
+        first.choice.name == max(figures, key=figures.get)
+        and "measured on this CPU just now" in first.choice.reason
+    )
+    said.clear()
+    second = Classifier.load(tiny_run, config=config, say=said.append)
+    assert not any(line.startswith("timing ") for line in said) and "(cached)" in second.choice.reason
+    assert second.choice.name == first.choice.name
+    # A different instruction-set limit is a different machine as far as speed goes: timed again.
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    Classifier.load(tiny_run, config=config, say=said.append)
+    assert len(list((tmp_path / "engine-timings").glob("*.json"))) == 2
+    # An explicit backend is never timed.
+    explicit = Classifier.load(tiny_run, config=InferenceConfig(backend="torch", cache_dir=str(tmp_path)))
+    assert explicit.choice.name == "torch" and "asked for" in explicit.choice.reason

@@ -3,19 +3,25 @@
 Every backend takes a preprocessed float32 batch (N, 3, H, W) as numpy and returns float32 logits (N, C):
 preprocessing stays in one place (``Preprocessing``) and the backends only differ in how fast they run.
 
-Which one is fastest depends on the CPU, so ``choose_backend`` encodes a rule measured side by side by
-``benchmarks/inference_backends.py`` (2-core runs, ResNet-50 at 224 px, batch 16):
-- native bf16 (AVX512_BF16 / AMX): OpenVINO with bf16 inference precision, by far the fastest;
-- AVX2 without native bf16: OpenVINO fp32 (bf16 would be emulated and slow);
-- without OpenVINO: ONNX Runtime fp32, then eager PyTorch (bf16 autocast where native).
+Which one is fastest depends on the CPU (on an AVX2 Zen 3 ONNX Runtime fp32 beat OpenVINO fp32 by 19%;
+with native bf16 OpenVINO bf16 wins by far), so ``auto`` does not trust a table: ``choose_backend`` sets
+the precision from the CPU (bf16 only where native) and names a fallback, and at the first load of a model
+the Classifier times every installed engine side by side (``time_engines``) and keeps the fastest, with the
+figures cached per machine and model (``measurement_path``).
 OpenVINO runs with ``PERFORMANCE_HINT=LATENCY``: one request uses every core. THROUGHPUT splits the cores
 into streams, which only pays off with several requests in flight; it is measured, not assumed.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import importlib.util
+import json
+import os
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +29,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError
+from .fileio import atomic_write_json
 from .hardware import CpuInfo
 
 BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
@@ -99,6 +106,97 @@ def choose_backend(
     elif precision == "bf16" and not cpu.native_bf16:
         why += "; bf16 asked for without native bf16 here: expect it to be slow"
     return BackendChoice(name, precision, why, performance_hint)
+
+
+# --- auto, measured: the fastest engine on this machine, timed once and remembered -----------------------
+MEASURE_BATCH = 4  # images per timed call: short enough that timing every engine stays within seconds
+MEASURE_SECONDS = 1.0  # per engine, after one warm-up call
+MEASURE_MAX_CALLS = 25
+# Environment variables that change which kernels the engines run: part of the cache key.
+_ISA_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "DNNL_MAX_CPU_ISA", "OMP_NUM_THREADS")
+
+
+def measurable_engines(precision: str) -> list[str]:
+    """The installed engines that run ``precision`` on CPU: the candidates ``auto`` times."""
+    return [
+        n
+        for n in ("openvino", "onnxruntime", "torch")
+        if is_available(n) and precision in SUPPORTED_PRECISIONS[n]
+    ]
+
+
+def time_engines(
+    engines: dict[str, Callable[[np.ndarray], np.ndarray]], batch: np.ndarray
+) -> dict[str, float]:
+    """Median images/s of each engine on ``batch``, timed side by side in rounds that run every engine in
+    turn, so a change in the machine's load falls on all of them alike. In each round an engine is called
+    twice and the second call timed: the first absorbs the switch from the previous engine's thread pool.
+    At least 3 rounds, then up to MEASURE_SECONDS per engine in all."""
+    seconds: dict[str, list[float]] = {name: [] for name in engines}
+    deadline = time.perf_counter() + MEASURE_SECONDS * len(engines)
+    rounds = 0
+    while rounds < 3 or (time.perf_counter() < deadline and rounds < MEASURE_MAX_CALLS):
+        for name, engine in engines.items():
+            engine(batch)
+            started = time.perf_counter()
+            engine(batch)
+            seconds[name].append(time.perf_counter() - started)
+        rounds += 1
+    return {name: round(len(batch) / float(np.median(times)), 2) for name, times in seconds.items()}
+
+
+def measurement_path(cache_dir: Path, cpu: CpuInfo, threads: int, precision: str, model_key: str) -> Path:
+    """Where the timing of one model on this CPU is kept: keyed by everything that changes the ranking."""
+    versions = {}
+    for package in ("torch", "onnxruntime", "openvino"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    described = json.dumps(
+        {
+            "cpu": [cpu.model_name, cpu.avx2, cpu.avx512, cpu.native_bf16, cpu.physical_cores],
+            "threads": threads,
+            "precision": precision,
+            "model": model_key,
+            "batch": MEASURE_BATCH,
+            "versions": versions,
+            "isa": {name: os.environ.get(name) for name in _ISA_VARIABLES},
+        },
+        sort_keys=True,
+    )
+    return Path(cache_dir) / "engine-timings" / f"{hashlib.sha256(described.encode()).hexdigest()[:20]}.json"
+
+
+def read_measurement(path: Path) -> dict[str, float] | None:
+    """Engine -> images/s from an earlier measurement, or None when there is none (or it is unreadable)."""
+    try:
+        figures = json.loads(path.read_text())["images_per_second"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(figures, dict) or not all(isinstance(v, int | float) for v in figures.values()):
+        return None
+    return figures
+
+
+def write_measurement(path: Path, figures: dict[str, float], cpu: CpuInfo, threads: int) -> None:
+    try:
+        atomic_write_json(
+            path,
+            {"images_per_second": figures, "batch": MEASURE_BATCH, "cpu": cpu.describe(), "threads": threads},
+        )
+    except OSError:
+        pass  # the measurement only saves time at the next load
+
+
+def describe_measurement(figures: dict[str, float], precision: str, threads: int, cached: bool) -> str:
+    ranked = sorted(figures.items(), key=lambda item: -item[1])
+    listed = ", ".join(f"{name} {value:.1f}" for name, value in ranked)
+    when = "at an earlier first load (cached)" if cached else "just now"
+    return (
+        f"the fastest {precision} engine measured on this CPU {when}: {listed} img/s "
+        f"(batch {MEASURE_BATCH}, {threads} threads)"
+    )
 
 
 def _auto_backend(cpu: CpuInfo) -> tuple[str, str]:

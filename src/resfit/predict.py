@@ -11,13 +11,26 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .backends import BackendChoice, OnnxRuntimeBackend, OpenVinoBackend, TorchBackend, choose_backend
+from .backends import (
+    MEASURE_BATCH,
+    BackendChoice,
+    OnnxRuntimeBackend,
+    OpenVinoBackend,
+    TorchBackend,
+    choose_backend,
+    describe_measurement,
+    measurable_engines,
+    measurement_path,
+    read_measurement,
+    time_engines,
+    write_measurement,
+)
 from .data.images import open_rgb
 from .data.scan import default_cache_dir
 from .data.transforms import Preprocessing
 from .errors import ImageReadError
 from .evaluate import softmax
-from .export import cached_export, cached_int8_export
+from .export import cached_export, cached_int8_export, model_digest
 from .hardware import Runtime, apply_threads, resolve_runtime
 from .runfolder import load_model
 
@@ -101,24 +114,31 @@ class Classifier:
         apply_threads(runtime)
         model, meta = load_model(Path(run_dir), config.tta)
         cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
-        if choice.name == "onnxruntime":
-            engine = OnnxRuntimeBackend(
-                cached_export(run_dir, "onnx", cache_dir, say, config.tta), runtime.threads
+
+        def engine(name: str, engine_precision: str):
+            if name == "onnxruntime":
+                return OnnxRuntimeBackend(
+                    cached_export(run_dir, "onnx", cache_dir, say, config.tta), runtime.threads
+                )
+            if name == "openvino":
+                ir = cached_export(run_dir, "openvino", cache_dir, say, config.tta)
+                return OpenVinoBackend(ir, runtime.threads, engine_precision, choice.performance_hint)
+            return TorchBackend(model, engine_precision, runtime.device)
+
+        if config.backend == "auto" and runtime.device == "cpu" and choice.precision != "int8":
+            name, reason, built = _fastest_engine(
+                engine, choice.precision, meta, runtime, run_dir, cache_dir, say
             )
+            precision_reason = choice.reason.partition("; ")[2]  # what follows the rule's own "why"
+            choice = replace(choice, name=name, reason="; ".join(filter(None, [reason, precision_reason])))
+            backend_engine = built or engine(name, choice.precision)
         elif choice.name == "openvino" and choice.precision == "int8":
             ir, summary = cached_int8_export(run_dir, cache_dir, say, config.tta)
-            engine = OpenVinoBackend(ir, runtime.threads, "int8", choice.performance_hint)
+            backend_engine = OpenVinoBackend(ir, runtime.threads, "int8", choice.performance_hint)
             choice = replace(choice, reason=f"{choice.reason}; {summary}")
-        elif choice.name == "openvino":
-            engine = OpenVinoBackend(
-                cached_export(run_dir, "openvino", cache_dir, say, config.tta),
-                runtime.threads,
-                choice.precision,
-                choice.performance_hint,
-            )
         else:
-            engine = None
-        return cls(model, meta, runtime, engine, choice, run_dir)
+            backend_engine = engine(choice.name, choice.precision)
+        return cls(model, meta, runtime, backend_engine, choice, run_dir)
 
     def describe(self) -> str:
         """One line: the backend, its precision and why, test-time augmentation, and the machine it runs on."""
@@ -196,6 +216,33 @@ class Classifier:
                 decoded = 0
         if pending:
             yield from flush()
+
+
+def _fastest_engine(engine, precision, meta, runtime, run_dir, cache_dir, say) -> tuple[str, str, object]:
+    """(engine name, why, the engine if it was built here): ``auto`` times every installed engine once per
+    model and machine, then remembers the figures.
+
+    The first load of a model on a CPU exports it to each format (once; cached) and times each engine for
+    about MEASURE_SECONDS on a batch of the run's own input size; later loads read the figures back.
+    """
+    candidates = measurable_engines(precision)
+    if len(candidates) == 1:
+        return candidates[0], "the only engine installed for this precision", None
+    size = int(meta["preprocessing"]["crop_size"])
+    model_key = f"{model_digest(Path(run_dir))}:{meta.get('tta', 'none')}:{size}"
+    path = measurement_path(cache_dir, runtime.cpu, runtime.threads, precision, model_key)
+    figures = read_measurement(path)
+    cached = figures is not None and set(figures) == set(candidates)
+    built = {}
+    if not cached:
+        if say is not None:
+            say(f"timing {', '.join(candidates)} on this CPU once for this model (about {len(candidates)} s)")
+        batch = np.random.default_rng(0).standard_normal((MEASURE_BATCH, 3, size, size)).astype(np.float32)
+        built = {name: engine(name, precision) for name in candidates}
+        figures = time_engines(built, batch)
+        write_measurement(path, figures, runtime.cpu, runtime.threads)
+    fastest = max(figures, key=figures.get)
+    return fastest, describe_measurement(figures, precision, runtime.threads, cached), built.get(fastest)
 
 
 def expand_inputs(inputs: Iterable[str]) -> list[str]:
