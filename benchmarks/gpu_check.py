@@ -30,7 +30,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -39,7 +38,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from training_speed import PATH_NAMES, images_per_second  # noqa: E402  (benchmarks/ is not a package)
+from training_speed import PATH_NAMES, images_per_second, optimizer_and_loss  # noqa: E402  (benchmarks/ is not a package)
 
 from resfit.backends import TorchBackend, choose_backend  # noqa: E402
 from resfit.data.dataset import ImageDataset  # noqa: E402
@@ -52,7 +51,7 @@ from resfit.hardware import Runtime, apply_device, default_num_workers, pin_memo
 from resfit.models import IMAGENET_MEAN, IMAGENET_STD, build_model  # noqa: E402
 from resfit.predict import PREDICT_BATCH_SIZE  # noqa: E402
 from resfit.train import TrainConfig, train  # noqa: E402
-from resfit.train.loop import default_batch_size, finetune_optimizer, set_train_mode  # noqa: E402
+from resfit.train.loop import default_batch_size  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ("resnet50", "resnet101")
@@ -96,16 +95,7 @@ def training_step(
         runtime.device, memory_format=torch.contiguous_format if path == "eager" else torch.channels_last
     )
     scaler = runtime.grad_scaler()
-    if path == "resfit":
-        recipe = TrainConfig()
-        recipe = replace(recipe, lr=recipe.head_lr)
-        optimizer, frozen = finetune_optimizer(model, recipe)
-        set_train_mode(model, model, recipe, frozen)
-        criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
-    else:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        model.train()
-        criterion = nn.CrossEntropyLoss()
+    optimizer, criterion = optimizer_and_loss(model, TrainConfig() if path == "resfit" else None)
 
     def step(images, labels):
         if path == "eager":

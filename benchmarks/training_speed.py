@@ -40,6 +40,18 @@ from resfit.train.loop import finetune_optimizer, set_train_mode
 REPO = Path(__file__).resolve().parents[1]
 
 
+def optimizer_and_loss(model: nn.Module, recipe: TrainConfig | None):
+    """(optimizer, criterion) set up exactly as the Trainer sets up fine-tuning for ``recipe``, or a plain
+    AdamW + cross-entropy with the model in train mode (what a user writes) when ``recipe`` is None."""
+    if recipe is None:
+        model.train()
+        return torch.optim.AdamW(model.parameters(), lr=1e-4), nn.CrossEntropyLoss()
+    recipe = replace(recipe, lr=recipe.head_lr)
+    optimizer, frozen = finetune_optimizer(model, recipe)
+    set_train_mode(model, model, recipe, frozen)
+    return optimizer, nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+
+
 def images_per_second(model, loader, steps: int, step_fn) -> float:
     iterator = iter(loader)
     step_fn(*next(iterator))  # warm-up: allocator, oneDNN kernels
@@ -97,15 +109,7 @@ def training_throughput(
     model = build_model("resnet50", len(source.class_names))
     if path != "eager":
         model = model.to(memory_format=torch.channels_last)
-    if resfit_step:  # set up exactly as the Trainer sets up fine-tuning
-        recipe = replace(recipe, lr=recipe.head_lr)
-        optimizer, frozen = finetune_optimizer(model, recipe)
-        set_train_mode(model, model, recipe, frozen)
-        criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
-    else:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        model.train()
-        criterion = nn.CrossEntropyLoss()
+    optimizer, criterion = optimizer_and_loss(model, recipe if resfit_step else None)
 
     def step(images, labels):
         if path != "eager":
