@@ -38,6 +38,77 @@ def _train_parser(sub) -> None:
     )
     _add_train_flags(p, weights_help="imagenet (torchvision's weights), none, or a state-dict FILE")
     p.add_argument("--out", help="run folder (default runs/<model>-<timestamp>)")
+    _add_exclude_flag(p)
+
+
+def _add_exclude_flag(p) -> None:
+    p.add_argument(
+        "--exclude-from",
+        metavar="FILE",
+        help="leave out the files listed in FILE: an audit.json (its reviewed 'exclude' list, see "
+        "resfit audit) or one path per line, relative to DATA; the files are not touched",
+    )
+
+
+def _audit_parser(sub) -> None:
+    from .audit import AuditConfig
+
+    defaults = AuditConfig()
+    p = sub.add_parser(
+        "audit",
+        help="find duplicates, train/val leakage, label conflicts, likely label errors and outliers",
+        description="Audit a dataset: exact copies (sha256) and near copies (perceptual hash, backbone "
+        "features) within a class, across classes and across splits; likely label errors by confident "
+        "learning on out-of-fold probe probabilities; outliers; class counts. Writes OUT/audit.json (with a "
+        "proposed 'exclude' list for train --exclude-from) and OUT/audit.png. Never moves or rewrites a file.",
+    )
+    p.add_argument("data", help="dataset: ImageFolder tree, flat class folders, CSV manifest or CIFAR-10")
+    p.add_argument("--out", help="output folder (default runs/audit-<timestamp>)")
+    p.add_argument("--model", default=defaults.model, help="backbone for the feature-based checks")
+    p.add_argument(
+        "--weights",
+        default=defaults.weights,
+        help="as train: imagenet, a state-dict FILE, or none (then only the hash-based checks run)",
+    )
+    p.add_argument(
+        "--no-features",
+        dest="features",
+        action="store_false",
+        help="hash-based checks only (no model): copies, leakage, label conflicts",
+    )
+    p.add_argument(
+        "--img-size", type=int, help="feature resolution (default: what the weights were trained at)"
+    )
+    p.add_argument("--top", type=int, default=defaults.top, help="cases per section on the contact sheet")
+    p.add_argument(
+        "--near-distance",
+        type=int,
+        default=defaults.near_distance,
+        help="perceptual-hash bits (of 64) within which two images are the same picture",
+    )
+    p.add_argument("--json", action="store_true", help="print the whole audit.json")
+    p.add_argument("--device", default=defaults.device, help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--precision", default=defaults.precision, choices=("auto", "fp32", "bf16", "fp16"))
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--val-fraction", type=float, default=defaults.val_fraction)
+
+
+def _run_audit(args) -> int:
+    from .audit import AUDIT_FILE, AuditConfig, audit
+
+    known = {f.name for f in fields(AuditConfig)}
+    config = AuditConfig(**{k: v for k, v in vars(args).items() if k in known})
+    say = _say_stderr if args.json else None
+    report = audit(config, say=say)
+    out = Path(report.out_dir)
+    if args.json:
+        print((out / AUDIT_FILE).read_text(encoding="utf-8"), end="")
+        return 0
+    for line in report.summary_lines():
+        print(line)
+    sheet = f" and the contact sheet {out / report.contact_sheet}" if report.contact_sheet else ""
+    print(f"wrote {out / AUDIT_FILE}{sheet}")
+    return 0
 
 
 def _add_train_flags(p, weights_help: str) -> None:
@@ -474,6 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
     _train_parser(sub)
     _compare_parser(sub)
     _lr_find_parser(sub)
+    _audit_parser(sub)
 
     p = sub.add_parser("evaluate", help="metrics of a run on a dataset split")
     p.add_argument("run_dir")
@@ -551,6 +623,7 @@ COMMANDS = {
     "serve": _run_serve,
     "ensemble": _run_ensemble,
     "compare": _run_compare,
+    "audit": _run_audit,
 }
 
 

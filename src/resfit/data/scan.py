@@ -13,11 +13,12 @@ import dataclasses
 import json
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
 
+from resfit.data.exclusions import read_exclusions, resolve_exclusions
 from resfit.data.images import DEFAULT_MAX_PIXELS, ImageCheck, check_image
 from resfit.data.sources import DatasetSource, Split, discover
 from resfit.errors import ConfigError, DataError
@@ -40,6 +41,7 @@ class DataReport:
     class_counts: dict[str, dict[str, int]]  # split -> class name -> usable images
     notes: list[str]
     name: str = ""  # the dataset's folder (or file) name, for the summary line
+    excluded: list[dict] = field(default_factory=list)  # {"path", "split"}: left out by --exclude-from
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "summary": self.summary_line(report_file=None)}
@@ -52,6 +54,8 @@ class DataReport:
             f"{self.name or self.layout}: {sum(per_split.values())} images, {len(self.class_names)} classes "
             f"({splits}); {len(self.converted)} converted, {len(self.skipped)} skipped"
         )
+        if self.excluded:
+            line += f", {len(self.excluded)} excluded"
         return f"{line}; see {report_file}" if report_file else line
 
 
@@ -69,10 +73,37 @@ def load_dataset(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     cache_dir: Path | None = None,
     progress: bool = False,
+    exclude_from: str | os.PathLike | None = None,
 ) -> tuple[DatasetSource, DataReport]:
-    """Discover the dataset's layout and splits, then scan every file: the one call training makes."""
+    """Discover the dataset's layout and splits, then scan every file: the one call training makes.
+
+    ``exclude_from``: an audit.json or a list of paths to leave out (see data/exclusions.py).
+    """
     source = discover(data, val_fraction=val_fraction, seed=seed)
-    return scan_source(source, max_pixels=max_pixels, cache_dir=cache_dir, progress=progress)
+    excluded: list[dict] = []
+    if exclude_from is not None:
+        source, excluded = _exclude(source, exclude_from)
+    scanned, report = scan_source(source, max_pixels=max_pixels, cache_dir=cache_dir, progress=progress)
+    report.excluded = excluded
+    return scanned, report
+
+
+def _exclude(source: DatasetSource, exclude_from: str | os.PathLike) -> tuple[DatasetSource, list[dict]]:
+    """``source`` without the listed files, what was left out, and a note when some listed paths are not here."""
+    entries = read_exclusions(exclude_from)
+    base = source.root.parent if source.root.is_file() else source.root
+    listed = resolve_exclusions(entries, base)
+    excluded, splits, found = [], {}, set()
+    for name, split in source.splits.items():
+        keep = [i for i, item in enumerate(split.items) if item not in listed]
+        for i in sorted(set(range(len(split.items))) - set(keep)):
+            excluded.append({"path": split.items[i], "split": name})
+            found.add(split.items[i])
+        splits[name] = split.subset(keep)
+    note = f"excluded {len(excluded)} file(s) listed in {exclude_from}"
+    if len(found) < len(listed):
+        note += f" ({len(listed) - len(found)} of its {len(listed)} paths are not in this dataset)"
+    return dataclasses.replace(source, splits=splits, notes=[*source.notes, note]), excluded
 
 
 def scan_source(

@@ -66,6 +66,7 @@ class TrainConfig:
     tta: str = "none"  # stored with the model: predict, evaluate, export and the service all apply it
     seed: int = 0
     val_fraction: float = 0.2
+    exclude_from: str | None = None  # an audit.json (its "exclude" list) or a file of paths to leave out
     device: str = "auto"
     precision: str = "auto"
     num_workers: int | None = None

@@ -21,6 +21,7 @@ from ..data.dataset import ImageDataset
 from ..data.decoded_cache import DecodedImages
 from ..data.sources import DatasetSource
 from ..data.transforms import Preprocessing
+from ..errors import DataError
 from ..evaluate import eval_loader, to_device
 from ..hardware import Runtime
 from ..models import forward_features
@@ -154,3 +155,28 @@ def fit_probe_head(
 def head_logits(head: nn.Linear, features: np.ndarray) -> np.ndarray:
     with torch.inference_mode():
         return head(torch.from_numpy(features).to(head.weight.dtype)).numpy()
+
+
+def out_of_fold_probabilities(
+    features: np.ndarray, labels: np.ndarray, num_classes: int, seed: int, folds: int = 5
+) -> np.ndarray:
+    """Each image's class probabilities from the probe fitted on the other folds (confident learning's input).
+
+    The strength C is chosen once, as the head stage chooses it; each fold standardises on its own fit part.
+    """
+    folds = min(folds, int(np.bincount(labels, minlength=num_classes).min()))
+    if folds < 2:
+        raise DataError("confident learning needs at least two images of every class")
+    y = torch.from_numpy(labels).long()
+    x_all = torch.from_numpy(StandardScaler().fit_transform(features)).float()
+    strength, _ = _choose_regularisation(x_all, y, num_classes, seed)
+    probabilities = np.zeros((len(labels), num_classes), np.float64)
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    for fit_index, held_index in splitter.split(np.zeros(len(labels)), labels):
+        scaler = StandardScaler().fit(features[fit_index])
+        x_fit = torch.from_numpy(scaler.transform(features[fit_index])).float()
+        x_held = torch.from_numpy(scaler.transform(features[held_index])).float()
+        params = _fit_logistic(x_fit, y[fit_index], num_classes, strength)
+        logits = x_held @ params[:-1] + params[-1]
+        probabilities[held_index] = torch.softmax(logits.double(), 1).numpy()
+    return probabilities

@@ -22,8 +22,16 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..calibration import (
+    RELIABILITY_PLOT,
+    calibration_scores,
+    fit_temperature,
+    plot_reliability,
+    reliability_bins,
+)
 from ..data.dataset import ImageDataset
 from ..data.decoded_cache import decoded_caches
+from ..data.duplicates import hash_duplicates, warning_line
 from ..data.feature_cache import FeatureCache, content_fingerprint, feature_key, weights_fingerprint
 from ..data.scan import load_dataset
 from ..data.transforms import Preprocessing
@@ -43,6 +51,7 @@ from ..evaluate import (
     eval_loader,
     evaluate_split,
     predict_logits,
+    softmax,
     to_device,
     write_evaluation,
 )
@@ -227,13 +236,22 @@ class Trainer:
         if not self.dist.is_main:
             barrier(self.dist)
         self.source, self.report = load_dataset(
-            config.data, val_fraction=config.val_fraction, seed=config.seed, progress=not config.quiet
+            config.data,
+            val_fraction=config.val_fraction,
+            seed=config.seed,
+            progress=not config.quiet,
+            exclude_from=config.exclude_from,
         )
         if self.dist.is_main:
             barrier(self.dist)
         self.say(self.report.summary_line())
         for note in self.source.notes:
             self.say(f"note: {note}")
+        # The model-free audit (hashes, cached like the scan): leakage and label conflicts in one line.
+        if self.dist.is_main and self.source.layout != "cifar10":
+            warning = warning_line(hash_duplicates(self.source), config.data)
+            if warning:
+                self.say(warning)
         counts = class_counts(self.source.splits["train"].labels, len(self.source.class_names))
         ratio = imbalance_ratio(counts)
         unequal = (
@@ -647,8 +665,42 @@ class Trainer:
             if progress["bad_epochs"] >= config.patience and epoch < config.epochs:
                 self.say(f"early stop: validation loss has not improved for {config.patience} epochs")
 
+    def calibrate(self) -> dict:
+        """Fit the kept model's temperature on the validation split and store it in model.json.
+
+        Returns the fit and the validation NLL/Brier/ECE before and after; writes reliability.png.
+        """
+        model, meta = load_model(self.run_dir)
+        model.to(self.runtime.device, memory_format=torch.channels_last)
+        dataset = ImageDataset(
+            self.source, "val", Preprocessing.from_dict(meta["preprocessing"]).eval_transform()
+        )
+        logits, labels = predict_logits(model, eval_loader(dataset, self.config.num_workers), self.runtime)
+        raw = logits * float(meta.get("temperature", 1.0))  # a resumed run may be calibrated already
+        temperature = fit_temperature(raw, labels)
+        before, after = softmax(raw), softmax(raw / temperature)
+        atomic_write_json(self.run_dir / MODEL_META, read_meta(self.run_dir) | {"temperature": temperature})
+        plot_reliability(
+            reliability_bins(before, labels),
+            reliability_bins(after, labels),
+            temperature,
+            self.run_dir / RELIABILITY_PLOT,
+        )
+        fit = {
+            "temperature": temperature,
+            "fitted_on": "val",
+            "before": calibration_scores(before, labels),
+            "after": calibration_scores(after, labels),
+        }
+        self.say(
+            f"calibration: temperature {temperature:.3f} fitted on val: NLL {fit['before']['nll']:.4f} -> "
+            f"{fit['after']['nll']:.4f}, ECE {fit['before']['ece']:.4f} -> {fit['after']['ece']:.4f}"
+        )
+        return fit
+
     def finish(self, history: list[dict], progress: dict) -> RunResult:
-        """Evaluate the kept (best) model exactly as `resfit evaluate` would, and write the reports."""
+        """Calibrate the kept (best) model, evaluate it exactly as `resfit evaluate` would, write the reports."""
+        calibration = self.calibrate()
         model, meta = load_model(self.run_dir)  # with the run's test-time augmentation, if it has one
         model.to(self.runtime.device, memory_format=torch.channels_last)
         preprocessing = Preprocessing.from_dict(meta["preprocessing"])
@@ -658,6 +710,10 @@ class Trainer:
             metrics, probs = evaluate_split(
                 model, self.source, split, preprocessing, self.runtime, self.config.num_workers
             )
+            labels = np.asarray(self.source.splits[split].labels)
+            metrics["calibration"] = calibration_scores(probs, labels)
+            if split == "val":
+                metrics["temperature_scaling"] = calibration
             write_evaluation(
                 self.run_dir, metrics, probs, self.source, suffix="" if split == "val" else f"_{split}"
             )
