@@ -135,6 +135,8 @@ def export_metadata(meta: dict, digest: str = "") -> dict[str, str]:
         "output": f"{OUTPUT_NAME}: float32 (N, num_classes), before softmax, in class_names order"
         + (" (log of averaged probabilities: a softmax gives them back)" if _averages(meta) else ""),
         "tta": meta.get("tta", "none"),
+        # already divided into the output: a softmax of it is the calibrated probability
+        "temperature": str(meta.get("temperature", 1.0)),
     }
     if digest:
         values["model_sha256"] = digest
@@ -334,7 +336,14 @@ def cached_export(
     model, meta = load_model(run_dir, tta)
     digest = model_digest(run_dir)
     described = json.dumps(
-        [meta["architecture"], meta["class_names"], meta["preprocessing"], meta["tta"], __version__]
+        [
+            meta["architecture"],
+            meta["class_names"],
+            meta["preprocessing"],
+            meta["tta"],
+            meta.get("temperature", 1.0),
+            __version__,
+        ]
     )
     key = hashlib.sha256((digest + described).encode()).hexdigest()[:20]
     path = Path(cache_dir) / "exports" / f"{meta['architecture']}-{key}" / FILE_NAMES[fmt]

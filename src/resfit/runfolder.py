@@ -13,6 +13,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .calibration import TemperatureScaled
 from .data.transforms import Preprocessing
 from .errors import ConfigError, RunFolderError
 from .fileio import atomic_write, atomic_write_json
@@ -120,6 +121,7 @@ class _ModelMeta(BaseModel):
     preprocessing: dict
     tta: StrictStr | None = None
     members: list[_MemberMeta] | None = None
+    temperature: float = Field(1.0, gt=0, le=100, allow_inf_nan=False)
 
 
 def check_meta(meta: object, meta_path: Path) -> None:
@@ -232,4 +234,7 @@ def load_model(run_dir: Path, tta: str | None = None) -> tuple[nn.Module, dict]:
     except RuntimeError as error:
         raise RunFolderError(f"{run_dir / MODEL_WEIGHTS} does not match model.json: {error}") from error
     model, meta = with_tta(model.eval(), meta, tta)
+    temperature = float(meta.get("temperature", 1.0))
+    if temperature != 1.0:  # calibrated at the end of training: see calibration.py
+        model = TemperatureScaled(model, temperature)
     return model.eval(), meta

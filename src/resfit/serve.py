@@ -395,6 +395,7 @@ def _model_info(classifier: Classifier, config: ServeConfig) -> dict:
         "class_names": classifier.class_names,
         "num_classes": len(classifier.class_names),
         "preprocessing": meta["preprocessing"],
+        "temperature": float(meta.get("temperature", 1.0)),  # already applied: probabilities are calibrated
         "backend": {
             "name": classifier.choice.name,
             "precision": classifier.choice.precision,

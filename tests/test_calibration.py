@@ -1,0 +1,72 @@
+"""Temperature scaling: fitted on held-out logits, stored in model.json, applied alike by every backend."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from test_export import train_tiny_run
+
+from resfit.calibration import calibration_scores, fit_temperature
+from resfit.evaluate import softmax
+from resfit.predict import Classifier, InferenceConfig
+from resfit.runfolder import MODEL_META
+from resfit.serve import create_app
+
+
+def test_fit_recovers_the_temperature_that_overconfident_logits_were_scaled_by():
+    rng = np.random.default_rng(0)
+    honest = rng.normal(0, 1.5, size=(4000, 5))
+    labels = np.array([rng.choice(5, p=p) for p in softmax(honest)])  # labels drawn from softmax(honest)
+    overconfident = honest * 3.0
+    temperature = fit_temperature(overconfident, labels)
+    assert 2.7 < temperature < 3.3
+    before = calibration_scores(softmax(overconfident), labels)
+    after = calibration_scores(softmax(overconfident / temperature), labels)
+    assert after["nll"] < before["nll"] - 0.1 and after["ece"] < before["ece"] / 2
+    assert (softmax(overconfident / temperature).argmax(1) == overconfident.argmax(1)).all()
+
+
+def test_training_stores_a_temperature_and_reports_scores_before_and_after(tiny_imagefolder, tmp_path):
+    run = train_tiny_run(tiny_imagefolder, tmp_path / "run")
+    meta = json.loads((run / MODEL_META).read_text())
+    fit = json.loads((run / "metrics.json").read_text())["temperature_scaling"]
+    assert meta["temperature"] == pytest.approx(fit["temperature"]) and fit["temperature"] > 0
+    assert fit["after"]["nll"] <= fit["before"]["nll"] + 1e-9  # the fit minimises exactly this
+    assert (run / "reliability.png").stat().st_size > 1000
+
+
+@pytest.fixture(scope="module")
+def scaled_run(tiny_imagefolder, tmp_path_factory) -> Path:
+    """The tiny run with a temperature far from 1, so a backend that ignored it would show."""
+    base = train_tiny_run(tiny_imagefolder, tmp_path_factory.getbasetemp() / "deploy-tiny-run")
+    run = tmp_path_factory.mktemp("scaled") / "run"
+    shutil.copytree(base, run)
+    meta = json.loads((run / MODEL_META).read_text())
+    meta["temperature"] = 2.5
+    (run / MODEL_META).write_text(json.dumps(meta))
+    return run
+
+
+def test_every_backend_and_the_service_apply_the_temperature(scaled_run, tiny_imagefolder, tmp_path):
+    images = sorted((tiny_imagefolder / "val").rglob("*.png"))
+    meta = json.loads((scaled_run / MODEL_META).read_text())
+    unscaled = tmp_path / "unscaled"
+    shutil.copytree(scaled_run, unscaled)
+    (unscaled / MODEL_META).write_text(json.dumps(meta | {"temperature": 1.0}))
+    raw = Classifier.load(unscaled, config=InferenceConfig(backend="torch", precision="fp32"))
+    expected = softmax(raw.logits(raw.preprocess(images)) / 2.5)
+    for backend in ("torch", "onnxruntime", "openvino"):
+        config = InferenceConfig(backend=backend, precision="fp32", cache_dir=str(tmp_path / "cache"))
+        classifier = Classifier.load(scaled_run, config=config)
+        np.testing.assert_allclose(classifier.predict_proba(images), expected, atol=1e-4, err_msg=backend)
+    config = InferenceConfig(backend="openvino", precision="fp32", cache_dir=str(tmp_path / "cache"))
+    with TestClient(create_app(Classifier.load(scaled_run, config=config))) as client:
+        response = client.post("/predict", files={"file": ("x.png", images[0].read_bytes())})
+        top = response.json()["top_k"][0]["probability"]
+        assert top == pytest.approx(float(expected[0].max()), abs=1e-4)
+        assert client.get("/model").json()["temperature"] == 2.5
