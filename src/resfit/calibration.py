@@ -18,8 +18,10 @@ from torch import nn
 
 ECE_BINS = 15
 RELIABILITY_PLOT = "reliability.png"
-# log T is searched in [-3, 3]: T from 0.05 to 20, far beyond what a trained network needs.
-_LOG_T_BOUND = 3.0
+# T is searched from 0.1 to 10, far beyond what a trained network needs; an optimum at either end means the
+# held-out set cannot pin T down (e.g. no mistakes: the NLL falls forever as T -> 0), and T stays 1.
+_LOG_T_BOUND = math.log(10.0)
+MIN_CALIBRATION_IMAGES = 30
 
 
 class TemperatureScaled(nn.Module):
@@ -40,8 +42,18 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return torch.log_softmax(torch.from_numpy(np.asarray(logits, dtype=np.float64)), dim=1).numpy()
 
 
+def why_not_calibrated(logits: np.ndarray, labels: np.ndarray) -> str | None:
+    """Why a temperature cannot be fitted on these held-out predictions (None when it can)."""
+    if len(labels) < MIN_CALIBRATION_IMAGES:
+        return f"only {len(labels)} validation images (at least {MIN_CALIBRATION_IMAGES} are needed)"
+    if (np.asarray(logits).argmax(1) == np.asarray(labels)).all():
+        return "no mistakes on the validation split, so nothing to calibrate against"
+    return None
+
+
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """The temperature that minimises the NLL of ``labels`` under softmax(logits / T)."""
+    """The temperature that minimises the NLL of ``labels`` under softmax(logits / T); 1.0 when the optimum
+    sits at a bound of the search (the data cannot tell)."""
     logits = np.asarray(logits, dtype=np.float64)
     labels = np.asarray(labels)
     if len(labels) == 0:
@@ -51,6 +63,9 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
         return float(-_log_softmax(logits / math.exp(log_t))[np.arange(len(labels)), labels].mean())
 
     found = minimize_scalar(nll, bounds=(-_LOG_T_BOUND, _LOG_T_BOUND), method="bounded")
+    # A flat NLL stops the search short of the bound it falls towards: compare with the bounds themselves.
+    if min(nll(-_LOG_T_BOUND), nll(_LOG_T_BOUND)) <= found.fun + 1e-9:
+        return 1.0
     return float(math.exp(found.x))
 
 

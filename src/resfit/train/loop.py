@@ -28,6 +28,7 @@ from ..calibration import (
     fit_temperature,
     plot_reliability,
     reliability_bins,
+    why_not_calibrated,
 )
 from ..data.dataset import ImageDataset
 from ..data.decoded_cache import decoded_caches
@@ -677,7 +678,8 @@ class Trainer:
         )
         logits, labels = predict_logits(model, eval_loader(dataset, self.config.num_workers), self.runtime)
         raw = logits * float(meta.get("temperature", 1.0))  # a resumed run may be calibrated already
-        temperature = fit_temperature(raw, labels)
+        reason = why_not_calibrated(raw, labels)
+        temperature = 1.0 if reason else fit_temperature(raw, labels)
         before, after = softmax(raw), softmax(raw / temperature)
         atomic_write_json(self.run_dir / MODEL_META, read_meta(self.run_dir) | {"temperature": temperature})
         plot_reliability(
@@ -689,9 +691,13 @@ class Trainer:
         fit = {
             "temperature": temperature,
             "fitted_on": "val",
+            "not_fitted_because": reason,
             "before": calibration_scores(before, labels),
             "after": calibration_scores(after, labels),
         }
+        if reason:
+            self.say(f"calibration: temperature left at 1: {reason}")
+            return fit
         self.say(
             f"calibration: temperature {temperature:.3f} fitted on val: NLL {fit['before']['nll']:.4f} -> "
             f"{fit['after']['nll']:.4f}, ECE {fit['before']['ece']:.4f} -> {fit['after']['ece']:.4f}"
