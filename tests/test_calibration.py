@@ -78,3 +78,14 @@ def test_every_backend_and_the_service_apply_the_temperature(scaled_run, tiny_im
         top = response.json()["top_k"][0]["probability"]
         assert top == pytest.approx(float(expected[0].max()), abs=1e-4)
         assert client.get("/model").json()["temperature"] == 2.5
+
+
+def test_an_ensemble_of_calibrated_runs_loads_back(scaled_run, tmp_path):
+    """Members are taken as their weights file holds them, so the ensemble's own weights file loads."""
+    from resfit.ensemble import build_ensemble
+
+    second = tmp_path / "second"
+    shutil.copytree(scaled_run, second)
+    build_ensemble([scaled_run, second], tmp_path / "ensemble", None, "equal", say=lambda _: None)
+    classifier = Classifier.load(tmp_path / "ensemble", config=InferenceConfig(backend="torch"))
+    assert classifier.meta["architecture"] == "ensemble"

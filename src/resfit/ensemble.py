@@ -127,7 +127,7 @@ def build_ensemble(
 
     members, member_probs, member_accuracy = [], [], []
     for run_dir in run_dirs:
-        model, _ = load_model(run_dir, tta="none")
+        model, _ = load_model(run_dir, tta="none", calibrated=False)  # its state dict is the ensemble's
         model.to(runtime.device, memory_format=torch.channels_last)
         metrics, probs = evaluate_split(model, source, "val", preprocessing, runtime)
         say(f"member {run_dir}: val accuracy {metrics['accuracy']:.4f}")

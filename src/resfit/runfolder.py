@@ -218,8 +218,11 @@ def with_tta(model: nn.Module, meta: dict, tta: str | None) -> tuple[nn.Module, 
     return TTAWrapper(model, mode, sizes), meta
 
 
-def load_model(run_dir: Path, tta: str | None = None) -> tuple[nn.Module, dict]:
-    """The trained model in eval mode on CPU, and its metadata; see ``with_tta`` for ``tta``."""
+def load_model(run_dir: Path, tta: str | None = None, calibrated: bool = True) -> tuple[nn.Module, dict]:
+    """The trained model in eval mode on CPU, and its metadata; see ``with_tta`` for ``tta``.
+
+    ``calibrated`` divides its logits by the run's fitted temperature; without it the module is exactly what
+    model.safetensors holds (an ensemble is built from such members, so its weights file loads back)."""
     run_dir = Path(run_dir)
     meta = read_meta(run_dir)
     model = build_from_meta(meta)
@@ -235,6 +238,6 @@ def load_model(run_dir: Path, tta: str | None = None) -> tuple[nn.Module, dict]:
         raise RunFolderError(f"{run_dir / MODEL_WEIGHTS} does not match model.json: {error}") from error
     model, meta = with_tta(model.eval(), meta, tta)
     temperature = float(meta.get("temperature", 1.0))
-    if temperature != 1.0:  # calibrated at the end of training: see calibration.py
+    if calibrated and temperature != 1.0:  # fitted at the end of training: see calibration.py
         model = TemperatureScaled(model, temperature)
     return model.eval(), meta
