@@ -102,6 +102,11 @@ RECIPES = {
     "resfit-probe": Recipe("resfit", {"epochs": 0}, "resfit's head stage alone (its probe)"),
     "timm": Recipe("timm", {}, "fine-tuning loop from timm's library (optim, scheduler, transforms, loss)"),
     "sklearn-probe": Recipe("sklearn-probe", {}, "scikit-learn LogisticRegressionCV on pooled features"),
+    # Candidates for the default (issue #12), measured against "resfit" on the same folds.
+    "resfit-160px": Recipe("resfit", {"img_size": 160}, "the default at 160 px instead of the card's 112"),
+    "resfit-probe-160px": Recipe("resfit", {"img_size": 160, "epochs": 0}, "the head stage alone at 160 px"),
+    "resfit-lr3e-4": Recipe("resfit", {"lr": 3e-4}, "the default with a 3x smaller fine-tuning lr"),
+    "resfit-12ep": Recipe("resfit", {"epochs": 12}, "the default with twice the fine-tuning epochs"),
 }
 REFERENCE = "resfit"  # paired differences are every other recipe against this one (and probe vs probe)
 EXTRA_PAIRS = [("resfit-probe", "sklearn-probe")]
