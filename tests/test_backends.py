@@ -16,7 +16,7 @@ from test_export import train_tiny_run
 from resfit.backends import OpenVinoBackend, choose_backend, time_engines
 from resfit.errors import ConfigError
 from resfit.export import ExportError
-from resfit.hardware import CpuInfo
+from resfit.hardware import CpuInfo, apply_isa_cap
 from resfit.predict import Classifier, InferenceConfig
 
 ZEN5 = CpuInfo("2-core Zen 5", 2, 2, avx2=True, avx512=True, native_bf16=True)
@@ -38,6 +38,26 @@ def test_auto_picks_openvino_bf16_with_native_bf16_and_fp32_without():
     assert choose_backend(ZEN5, precision="fp32").precision == "fp32"
     assert choose_backend(ZEN5, backend="onnxruntime").precision == "fp32"  # ORT has no CPU bf16 path
     assert choose_backend(ZEN5, backend="torch").precision == "bf16"
+
+
+@pytest.mark.parametrize(
+    "environ, expected",
+    [
+        ({}, (True, True, "")),
+        (
+            {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"},
+            (False, False, "ONEDNN_MAX_CPU_ISA=AVX2"),
+        ),
+        ({"ONEDNN_MAX_CPU_ISA": "avx512_core_bf16"}, (True, True, "")),
+        ({"ATEN_CPU_CAPABILITY": "avx2"}, (False, False, "ATEN_CPU_CAPABILITY=avx2")),
+    ],
+)
+def test_the_avx2_stand_in_turns_off_native_bf16(environ, expected):
+    """Under the stand-in oneDNN runs no bf16 kernels: auto must not pick bf16 as if it were native."""
+    avx512, bf16, cap = apply_isa_cap(True, True, True, environ)
+    assert (avx512, bf16) == expected[:2]
+    assert expected[2] in cap and bool(cap) == bool(expected[2])
+    assert apply_isa_cap(True, False, False, {"ONEDNN_MAX_CPU_ISA": "AVX2"}) == (False, False, "")
 
 
 def test_auto_falls_back_when_packages_are_missing(monkeypatch):

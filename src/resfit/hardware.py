@@ -26,11 +26,37 @@ class CpuInfo:
     avx2: bool
     avx512: bool
     native_bf16: bool  # AVX512_BF16 or AMX-BF16: bf16 matmuls run in hardware
+    isa_cap: str = ""  # ONEDNN_MAX_CPU_ISA / ATEN_CPU_CAPABILITY below what the CPU has, as set
 
     def describe(self) -> str:
         isa = "AVX-512" if self.avx512 else "AVX2" if self.avx2 else "no AVX2"
         bf16 = "native bf16 (AVX512_BF16/AMX)" if self.native_bf16 else "no native bf16 (emulated, slow)"
-        return f"{self.model_name}, {self.physical_cores} physical cores, {isa}, {bf16}"
+        capped = f" (capped by {self.isa_cap})" if self.isa_cap else ""
+        return f"{self.model_name}, {self.physical_cores} physical cores, {isa}, {bf16}{capped}"
+
+
+# ONEDNN_MAX_CPU_ISA values that leave out AVX-512 (and so its bf16 instructions), and ATen's below avx512.
+_ONEDNN_BELOW_AVX512 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2"}
+_ATEN_BELOW_AVX512 = {"default", "avx2"}
+
+
+def apply_isa_cap(avx2: bool, avx512: bool, native_bf16: bool, environ=os.environ) -> tuple[bool, bool, str]:
+    """(avx512, native_bf16, cap) as the libraries will use them under an instruction-set cap.
+
+    ``ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2`` on an AVX-512 machine is how an AVX2-only laptop is
+    stood in for: oneDNN and ATen then run no AVX-512 (nor bf16) kernels, so bf16 is emulated and must not be
+    picked as if native. (ONNX Runtime's own kernels ignore the cap: benchmarks/isa_cap.py.)
+    """
+    onednn = environ.get("ONEDNN_MAX_CPU_ISA", environ.get("DNNL_MAX_CPU_ISA", "")).strip().upper()
+    aten = environ.get("ATEN_CPU_CAPABILITY", "").strip().lower()
+    caps = []
+    if onednn in _ONEDNN_BELOW_AVX512 and (avx512 or native_bf16):
+        caps.append(f"ONEDNN_MAX_CPU_ISA={onednn}")
+    if aten in _ATEN_BELOW_AVX512 and avx512:
+        caps.append(f"ATEN_CPU_CAPABILITY={aten}")
+    if not caps:
+        return avx512, native_bf16, ""
+    return False, False, ", ".join(caps)
 
 
 def _cpuinfo_text() -> str:
@@ -70,7 +96,8 @@ def detect_cpu() -> CpuInfo:
         avx2 = capability in ("AVX2", "AVX512")
         avx512 = capability == "AVX512"
         native_bf16 = bool(getattr(torch._C._cpu, "_is_avx512_bf16_supported", lambda: False)())
-    return CpuInfo(model_name, max(1, physical), logical, avx2, avx512, native_bf16)
+    avx512, native_bf16, cap = apply_isa_cap(avx2, avx512, native_bf16)
+    return CpuInfo(model_name, max(1, physical), logical, avx2, avx512, native_bf16, cap)
 
 
 @dataclass(frozen=True)
