@@ -170,6 +170,19 @@ def _add_train_flags(p, weights_help: str) -> None:
         help="test-time augmentation stored with the model (predict, evaluate, export, serve apply it)",
     )
     p.add_argument(
+        "--reject-target",
+        default=defaults.reject_target,
+        metavar="coverage:X|precision:X|none",
+        help='the "unknown" answer, its threshold chosen on validation: answer the share X of validation '
+        "photos (coverage) or the most confident share whose accuracy is X (precision); none: always answer",
+    )
+    p.add_argument(
+        "--reject-score",
+        choices=("msp", "energy"),
+        default=defaults.reject_score,
+        help="the confidence the rule thresholds: calibrated top-1 probability (msp) or logsumexp (energy)",
+    )
+    p.add_argument(
         "--multi-scale",
         action="store_true",
         help="progressive resizing: early epochs at smaller sizes, the last at --img-size",
@@ -395,6 +408,12 @@ def _add_backend_flags(p) -> None:
     )
     _add_tta_flag(p, "default: the run's stored setting")
     p.add_argument(
+        "--no-reject",
+        dest="reject",
+        action="store_false",
+        help='always name a class: ignore the run\'s "unknown" rule (see resfit train --reject-target)',
+    )
+    p.add_argument(
         "--performance-hint",
         default="LATENCY",
         choices=PERFORMANCE_HINTS,
@@ -411,7 +430,12 @@ def _load_classifier(args):
     from .predict import Classifier, InferenceConfig
 
     config = InferenceConfig(
-        args.device, args.precision, args.backend, args.performance_hint, tta=getattr(args, "tta", None)
+        args.device,
+        args.precision,
+        args.backend,
+        args.performance_hint,
+        tta=getattr(args, "tta", None),
+        reject=getattr(args, "reject", True),
     )
     classifier = Classifier.load(args.run_dir, config=config, say=_say_stderr)
     _say_stderr(classifier.describe())
@@ -473,7 +497,9 @@ def _run_evaluate(args) -> int:
             f"({classifier.choice.precision}) may differ by an image or two: --backend torch reproduces it"
         )
     model, runtime = classifier.logits_module()
-    metrics, probs = evaluate_split(model, source, args.split, classifier.preprocessing, runtime)
+    metrics, probs = evaluate_split(
+        model, source, args.split, classifier.preprocessing, runtime, reject=classifier.reject
+    )
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         write_evaluation(Path(args.out), metrics, probs, source)
@@ -508,7 +534,8 @@ def _run_predict(args) -> int:
             print(f"{prediction.path}\tERROR: {prediction.error}", flush=True)
         else:
             ranked = "  ".join(f"{name} {p:.3f}" for name, p in prediction.top_k)
-            print(f"{prediction.path}\t{ranked}", flush=True)
+            unknown = f"unknown ({prediction.reason})  " if prediction.unknown else ""
+            print(f"{prediction.path}\t{unknown}{ranked}", flush=True)
     if failed:
         print(f"resfit: {failed} of {len(paths)} files could not be read", file=sys.stderr)
     return EXIT_SOME_FAILED if failed else 0

@@ -14,6 +14,7 @@ from .data.sources import DatasetSource
 from .data.transforms import Preprocessing
 from .fileio import atomic_write_json
 from .hardware import Runtime
+from .rejection import RejectRule, answered_metrics, split_output
 from .reports import classification_metrics, misclassified_examples, plot_confusion_matrix, plot_misclassified
 
 EVAL_BATCH_SIZE = 64
@@ -57,13 +58,21 @@ def evaluate_split(
     runtime: Runtime,
     num_workers: int = 0,
     progress: bool = False,
+    reject: RejectRule | None = None,
 ) -> tuple[dict, np.ndarray]:
-    """Metrics of ``model`` on one split, with the same transform and batching everywhere (train, evaluate)."""
+    """Metrics of ``model`` on one split, with the same transform and batching everywhere (train, evaluate).
+
+    ``reject`` (the run's "unknown" rule) adds what it does on this split; a knn rule needs a model whose
+    output carries the features after the logits (``load_model(..., features=True)``).
+    """
     dataset = ImageDataset(source, split, preprocessing.eval_transform())
     loader = eval_loader(dataset, num_workers)
-    logits, labels = predict_logits(model, loader, runtime, progress, desc=f"evaluate {split}")
+    output, labels = predict_logits(model, loader, runtime, progress, desc=f"evaluate {split}")
+    logits, features = split_output(output, len(source.class_names))
     probs = softmax(logits)
     metrics = classification_metrics(labels, probs, source.class_names, split)
+    if reject is not None:
+        metrics["rejection"] = answered_metrics(logits, labels, reject, features)
     return metrics, probs
 
 

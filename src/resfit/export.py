@@ -137,6 +137,9 @@ def export_metadata(meta: dict, digest: str = "") -> dict[str, str]:
         "tta": meta.get("tta", "none"),
         # already divided into the output: a softmax of it is the calibrated probability
         "temperature": str(meta.get("temperature", 1.0)),
+        # the run's "unknown" rule on this output (rejection.py): msp = max softmax, energy = logsumexp;
+        # answer "unknown" when the score is below the threshold ("null": always answer)
+        "reject": json.dumps(meta.get("reject")),
     }
     if digest:
         values["model_sha256"] = digest
@@ -330,10 +333,13 @@ def cached_export(
     cache_dir: Path,
     say: Callable[[str], None] | None = None,
     tta: str | None = None,
+    features: bool = False,
 ) -> Path:
-    """The run exported to ``fmt`` under ``cache_dir/exports``, exporting once per distinct model and TTA."""
+    """The run exported to ``fmt`` under ``cache_dir/exports``, exporting once per distinct model and TTA.
+
+    ``features``: the engine's graph also outputs the pooled features (rejection.WithFeatures)."""
     run_dir = Path(run_dir)
-    model, meta = load_model(run_dir, tta)
+    model, meta = load_model(run_dir, tta, features=features)
     digest = model_digest(run_dir)
     described = json.dumps(
         [
@@ -342,6 +348,8 @@ def cached_export(
             meta["preprocessing"],
             meta["tta"],
             meta.get("temperature", 1.0),
+            meta.get("reject"),
+            features,
             __version__,
         ]
     )
@@ -379,6 +387,7 @@ def cached_int8_export(
     cache_dir: Path,
     say: Callable[[str], None] | None = None,
     tta: str | None = None,
+    features: bool = False,
 ) -> tuple[Path, str]:
     """(int8 IR, one-line summary of its agreement with fp32); quantizes once per model, refuses if it disagrees.
 
@@ -386,7 +395,7 @@ def cached_int8_export(
     validation images, and the int8 model is kept only if its top-1 matches fp32 on >= 99% of them.
     The verdict is cached either way, so a refused model is not quantized again on every load.
     """
-    fp32_ir = cached_export(run_dir, "openvino", cache_dir, say, tta)
+    fp32_ir = cached_export(run_dir, "openvino", cache_dir, say, tta, features)
     path, verdict_path = fp32_ir.with_name("model-int8.xml"), fp32_ir.with_name("model-int8.json")
     if verdict_path.is_file():
         verdict = json.loads(verdict_path.read_text())
@@ -398,8 +407,9 @@ def cached_int8_export(
         import nncf
     except ImportError:
         raise ExportError("--precision int8 needs NNCF: pip install nncf") from None
-    model, meta = load_model(Path(run_dir), tta)
+    model, meta = load_model(Path(run_dir), tta, features=features)
     transform = Preprocessing.from_dict(meta["preprocessing"]).eval_transform()
+    classes = len(meta["class_names"])  # the logits; any columns after them are features
 
     def batch_of(split: str, count: int, purpose: str) -> np.ndarray:
         tensors = [transform(image) for _, image in run_images(meta, split, count, purpose)]
@@ -424,6 +434,7 @@ def cached_int8_export(
                 for chunk in np.array_split(check, max(1, len(check) // 32))
             ]
         )
+        quantized, reference = quantized[:, :classes], reference[:, :classes]
         agreement = float((quantized.argmax(1) == reference.argmax(1)).mean())
         kept = agreement >= INT8_MIN_AGREEMENT
         summary = (

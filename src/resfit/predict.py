@@ -32,7 +32,8 @@ from .errors import ImageReadError
 from .evaluate import softmax
 from .export import cached_export, cached_int8_export, model_digest
 from .hardware import Runtime, apply_threads, resolve_runtime
-from .runfolder import load_model
+from .rejection import UNKNOWN, RejectRule, needs_features, split_output
+from .runfolder import load_model, read_meta
 
 PREDICT_BATCH_SIZE = 16
 
@@ -42,14 +43,50 @@ class Prediction:
     path: str
     top_k: list[tuple[str, float]] | None = None
     error: str | None = None
+    answer: Answer | None = None  # the run's "unknown" rule applied (None: no rule or --no-reject)
+
+    @property
+    def unknown(self) -> bool:
+        return self.answer is not None and self.answer.unknown
+
+    @property
+    def reason(self) -> str:
+        return self.answer.reason if self.answer is not None else ""
 
     def to_dict(self) -> dict:
         if self.error is not None:
             return {"path": self.path, "error": self.error}
+        best = self.top_k[0][0]
         return {
             "path": self.path,
-            "predicted": self.top_k[0][0],
+            "predicted": UNKNOWN if self.unknown else best,
+            **(self.answer.to_dict(best) if self.answer is not None else {}),
             "top_k": [{"class": name, "probability": round(p, 6)} for name, p in self.top_k],
+        }
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The rejection rule's verdict on one image: its score against the run's threshold."""
+
+    unknown: bool
+    score: float
+    rule: RejectRule
+
+    @property
+    def reason(self) -> str:
+        relation = "below" if self.unknown else "at or above"
+        return f"{self.rule.score} {self.score:.4g} {relation} {self.rule.threshold:.4g}"
+
+    def to_dict(self, best: str) -> dict:
+        return {
+            "unknown": self.unknown,
+            "best_guess": best,
+            "score": {
+                "name": self.rule.score,
+                "value": round(self.score, 6),
+                "threshold": self.rule.threshold,
+            },
         }
 
 
@@ -63,6 +100,7 @@ class InferenceConfig:
     performance_hint: str = "LATENCY"  # OpenVINO: LATENCY (one request, all cores) or THROUGHPUT
     cache_dir: str | None = None  # on-the-fly exports; default $RESFIT_CACHE or ~/.cache/resfit
     tta: str | None = None  # test-time augmentation: None = the run's stored setting (see runfolder.with_tta)
+    reject: bool = True  # apply the run's "unknown" rule (model.json "reject"), if it has one
 
 
 class Classifier:
@@ -80,8 +118,10 @@ class Classifier:
         backend=None,
         choice: BackendChoice | None = None,
         run_dir: str | os.PathLike | None = None,
+        reject: bool = True,
     ):
         self.meta = meta
+        self.reject = RejectRule.from_run(run_dir, meta["reject"]) if reject and meta.get("reject") else None
         self.runtime = runtime
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.class_names: list[str] = list(meta["class_names"])
@@ -112,16 +152,23 @@ class Classifier:
         )
         runtime = replace(runtime, precision=choice.precision) if runtime.device == "cpu" else runtime
         apply_threads(runtime)
-        model, meta = load_model(Path(run_dir), config.tta)
+        # A feature-distance "unknown" rule needs the features: every engine then outputs them after the logits.
+        stored = read_meta(Path(run_dir))
+        features = config.reject and needs_features(stored.get("reject"))
+        if features and (config.tta or stored.get("tta", "none")) != "none":
+            if say is not None:
+                say('note: the run\'s "unknown" rule reads one view\'s features, so it is off under TTA')
+            config, features = replace(config, reject=False), False
+        model, meta = load_model(Path(run_dir), config.tta, features=features)
         cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
 
         def engine(name: str, engine_precision: str):
             if name == "onnxruntime":
                 return OnnxRuntimeBackend(
-                    cached_export(run_dir, "onnx", cache_dir, say, config.tta), runtime.threads
+                    cached_export(run_dir, "onnx", cache_dir, say, config.tta, features), runtime.threads
                 )
             if name == "openvino":
-                ir = cached_export(run_dir, "openvino", cache_dir, say, config.tta)
+                ir = cached_export(run_dir, "openvino", cache_dir, say, config.tta, features)
                 return OpenVinoBackend(ir, runtime.threads, engine_precision, choice.performance_hint)
             return TorchBackend(model, engine_precision, runtime.device)
 
@@ -133,23 +180,34 @@ class Classifier:
             choice = replace(choice, name=name, reason="; ".join(filter(None, [reason, precision_reason])))
             backend_engine = built or engine(name, choice.precision)
         elif choice.name == "openvino" and choice.precision == "int8":
-            ir, summary = cached_int8_export(run_dir, cache_dir, say, config.tta)
+            ir, summary = cached_int8_export(run_dir, cache_dir, say, config.tta, features)
             backend_engine = OpenVinoBackend(ir, runtime.threads, "int8", choice.performance_hint)
             choice = replace(choice, reason=f"{choice.reason}; {summary}")
         else:
             backend_engine = engine(choice.name, choice.precision)
-        return cls(model, meta, runtime, backend_engine, choice, run_dir)
+        return cls(model, meta, runtime, backend_engine, choice, run_dir, config.reject)
 
     def describe(self) -> str:
-        """One line: the backend, its precision and why, test-time augmentation, and the machine it runs on."""
+        """One line: the backend, its precision and why, test-time augmentation, the "unknown" rule, and the
+        machine it runs on."""
         tta = self.meta.get("tta", "none")
         views = "" if tta == "none" else f"; TTA {tta} at {self.meta.get('tta_sizes')} px"
+        unknown = f"; {self.reject.describe()}" if self.reject else ""
         return (
-            f"{self.choice.describe()}{views} [{self.runtime.cpu.describe()}; {self.runtime.threads} threads]"
+            f"{self.choice.describe()}{views}{unknown} [{self.runtime.cpu.describe()}; "
+            f"{self.runtime.threads} threads]"
         )
 
+    def answers(self, logits: np.ndarray, features: np.ndarray | None = None) -> list[Answer | None]:
+        """The "unknown" rule's verdict per row of logits (None for every row when the run has no rule)."""
+        if self.reject is None:
+            return [None] * len(logits)
+        answered, scores = self.reject.accepts(logits, features)
+        return [Answer(not ok, float(score), self.reject) for ok, score in zip(answered, scores, strict=True)]
+
     def logits_module(self) -> tuple[torch.nn.Module, Runtime]:
-        """The chosen backend as a module plus the runtime to call it with, for evaluate_split's loop."""
+        """The chosen backend as a module plus the runtime to call it with, for evaluate_split's loop (its
+        output may carry features after the logits: evaluate_split takes them apart)."""
         if isinstance(self.backend, TorchBackend) and self.backend.model is self.model:
             return self.model, self.runtime
         return _BackendModule(self.backend), replace(self.runtime, precision="fp32")
@@ -163,13 +221,23 @@ class Classifier:
         """The run's preprocessing applied to PIL images, paths or bytes: a float32 (N, 3, H, W) batch."""
         return torch.stack([self.transform(self._as_image(image)) for image in images]).numpy()
 
+    def outputs(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(float32 logits (N, C), pooled features (N, D) or None) of a preprocessed batch; the features
+        come only where the run's "unknown" rule uses them."""
+        return split_output(self.backend(batch), len(self.class_names))
+
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """Float32 logits (N, C) of a preprocessed batch, from the chosen backend."""
-        return self.backend(batch)
+        return self.outputs(batch)[0]
 
     def predict_proba(self, images: Iterable) -> np.ndarray:
         """Class probabilities, (N, C), for PIL images, paths or encoded bytes."""
         return softmax(self.logits(self.preprocess(images)))
+
+    def predict_answers(self, images: Iterable) -> tuple[np.ndarray, list[Answer | None]]:
+        """Class probabilities and the "unknown" rule's verdict per image."""
+        logits, features = self.outputs(self.preprocess(images))
+        return softmax(logits), self.answers(logits, features)
 
     def predict(self, image, top_k: int = 5) -> list[tuple[str, float]]:
         """Top-k (class name, probability) for one image (PIL image, path or bytes)."""
@@ -195,13 +263,17 @@ class Classifier:
 
         def flush() -> Iterator[Prediction]:
             inputs = [tensor for _, tensor, _ in pending if tensor is not None]
-            rows = iter(softmax(self.logits(torch.stack(inputs).numpy()))) if inputs else iter(())
+            if inputs:
+                logits, features = self.outputs(torch.stack(inputs).numpy())
+            else:
+                logits, features = np.zeros((0, len(self.class_names)), np.float32), None
+            rows = iter(zip(softmax(logits), self.answers(logits, features), strict=True))
             for path, tensor, error in pending:
-                yield (
-                    Prediction(path, error=error)
-                    if tensor is None
-                    else Prediction(path, self._top_k(next(rows), top_k))
-                )
+                if tensor is None:
+                    yield Prediction(path, error=error)
+                    continue
+                probs, answer = next(rows)
+                yield Prediction(path, self._top_k(probs, top_k), answer=answer)
             pending.clear()
 
         decoded = 0

@@ -6,6 +6,7 @@ import json
 import platform
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
@@ -18,6 +19,7 @@ from .data.transforms import Preprocessing
 from .errors import ConfigError, RunFolderError
 from .fileio import atomic_write, atomic_write_json
 from .models import build_model, check_architecture
+from .rejection import WithFeatures
 from .wrappers import EnsembleModel, TTAWrapper, check_tta, tta_sizes
 
 FORMAT = "resfit-run"
@@ -109,6 +111,15 @@ class _MemberMeta(BaseModel):
     weight: float = Field(ge=0, le=1, allow_inf_nan=False)
 
 
+class _RejectMeta(BaseModel):
+    """The "unknown" rule (rejection.RejectRule) as model.json stores it."""
+
+    model_config = ConfigDict(extra="allow")
+    score: Literal["knn", "msp", "energy"]
+    threshold: float = Field(allow_inf_nan=False)
+    target: StrictStr
+
+
 class _ModelMeta(BaseModel):
     """What model.json must hold for resfit to rebuild and use the model (other fields are kept as they are)."""
 
@@ -122,6 +133,7 @@ class _ModelMeta(BaseModel):
     tta: StrictStr | None = None
     members: list[_MemberMeta] | None = None
     temperature: float = Field(1.0, gt=0, le=100, allow_inf_nan=False)
+    reject: _RejectMeta | None = None
 
 
 def check_meta(meta: object, meta_path: Path) -> None:
@@ -218,11 +230,14 @@ def with_tta(model: nn.Module, meta: dict, tta: str | None) -> tuple[nn.Module, 
     return TTAWrapper(model, mode, sizes), meta
 
 
-def load_model(run_dir: Path, tta: str | None = None, calibrated: bool = True) -> tuple[nn.Module, dict]:
+def load_model(
+    run_dir: Path, tta: str | None = None, calibrated: bool = True, features: bool = False
+) -> tuple[nn.Module, dict]:
     """The trained model in eval mode on CPU, and its metadata; see ``with_tta`` for ``tta``.
 
     ``calibrated`` divides its logits by the run's fitted temperature; without it the module is exactly what
-    model.safetensors holds (an ensemble is built from such members, so its weights file loads back)."""
+    model.safetensors holds (an ensemble is built from such members, so its weights file loads back).
+    ``features`` appends the pooled features to the logits (rejection.WithFeatures: the knn "unknown" score)."""
     run_dir = Path(run_dir)
     meta = read_meta(run_dir)
     model = build_from_meta(meta)
@@ -240,4 +255,6 @@ def load_model(run_dir: Path, tta: str | None = None, calibrated: bool = True) -
     temperature = float(meta.get("temperature", 1.0))
     if calibrated and temperature != 1.0:  # fitted at the end of training: see calibration.py
         model = TemperatureScaled(model, temperature)
+    if features:
+        model = WithFeatures(model)
     return model.eval(), meta

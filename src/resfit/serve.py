@@ -32,6 +32,7 @@ from .data.images import open_rgb
 from .errors import ConfigError, ImageReadError
 from .evaluate import softmax
 from .predict import Classifier
+from .rejection import UNKNOWN, split_output
 
 MB = 1024 * 1024
 # (signature offset, bytes, format); WEBP also needs "WEBP" at offset 8, checked in sniff_format.
@@ -253,7 +254,7 @@ def create_app(classifier: Classifier, config: ServeConfig | None = None) -> Fas
     """The service for one Classifier; everything it needs lives on the app (no module state)."""
     config = config or ServeConfig()
     decoder = ThreadPoolExecutor(max_workers=config.decode_threads, thread_name_prefix="resfit-decode")
-    batcher = Batcher(classifier.logits, config.max_batch)
+    batcher = Batcher(classifier.backend, config.max_batch)  # logits, and features for a knn rule
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -301,17 +302,26 @@ def create_app(classifier: Classifier, config: ServeConfig | None = None) -> Fas
             if isinstance(outcome, BaseException):
                 raise outcome
         batch = await loop.run_in_executor(decoder, classifier.preprocess, [image for image, _ in decoded])
-        probs = softmax(await batcher.submit(batch))
+        logits, features = split_output(await batcher.submit(batch), len(classifier.class_names))
+        probs = softmax(logits)
         seconds = round(time.perf_counter() - started, 4)
-        results = [
-            {
-                "filename": name,
-                "predicted": classifier.class_names[int(np.argmax(row))],
-                "top_k": [{"class": c, "probability": round(p, 6)} for c, p in classifier.top_k(row, top_k)],
-                "notes": notes,
-            }
-            for (name, _), (_, notes), row in zip(uploads, decoded, probs, strict=True)
-        ]
+        results = []
+        for (name, _), (_, notes), row, answer in zip(
+            uploads, decoded, probs, classifier.answers(logits, features), strict=True
+        ):
+            best = classifier.class_names[int(np.argmax(row))]
+            unknown = answer is not None and answer.unknown
+            results.append(
+                {
+                    "filename": name,
+                    "predicted": UNKNOWN if unknown else best,
+                    **(answer.to_dict(best) if answer is not None else {}),
+                    "top_k": [
+                        {"class": c, "probability": round(p, 6)} for c, p in classifier.top_k(row, top_k)
+                    ],
+                    "notes": notes,
+                }
+            )
         if single:
             return results[0] | {"seconds": seconds}
         return {"results": results, "seconds": seconds}
@@ -396,6 +406,8 @@ def _model_info(classifier: Classifier, config: ServeConfig) -> dict:
         "num_classes": len(classifier.class_names),
         "preprocessing": meta["preprocessing"],
         "temperature": float(meta.get("temperature", 1.0)),  # already applied: probabilities are calibrated
+        # the "unknown" rule the service applies (None: it always names a class)
+        "reject": classifier.reject.to_dict() if classifier.reject else None,
         "backend": {
             "name": classifier.choice.name,
             "precision": classifier.choice.precision,

@@ -9,6 +9,10 @@ from ..data.transforms import AUGMENTATIONS
 from ..errors import ConfigError
 from ..hardware import PRECISIONS, parse_device
 from ..models import check_architecture
+from ..rejection import DEFAULT_SCORE as DEFAULT_REJECT_SCORE
+from ..rejection import DEFAULT_TARGET as DEFAULT_REJECT_TARGET
+from ..rejection import SCORES as REJECT_SCORES
+from ..rejection import parse_target as parse_reject_target
 from ..wrappers import TTA_MODES
 from .recipe import BALANCE_MODES
 
@@ -64,6 +68,9 @@ class TrainConfig:
     # sampler (class-balanced batches) | loss (inverse-frequency weights) | none
     balance: str = "auto"
     tta: str = "none"  # stored with the model: predict, evaluate, export and the service all apply it
+    # the "unknown" answer, chosen on validation after calibration (coverage:X | precision:X | none)
+    reject_target: str = DEFAULT_REJECT_TARGET
+    reject_score: str = DEFAULT_REJECT_SCORE  # msp (calibrated top-1 probability) | energy (logsumexp)
     seed: int = 0
     val_fraction: float = 0.2
     exclude_from: str | None = None  # an audit.json (its "exclude" list) or a file of paths to leave out
@@ -129,6 +136,9 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        parse_reject_target(self.reject_target)
+        if self.reject_score not in REJECT_SCORES:
+            raise ConfigError(f"reject-score must be one of {REJECT_SCORES}, got {self.reject_score!r}")
 
     @property
     def head_lr(self) -> float:

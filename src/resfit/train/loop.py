@@ -68,6 +68,24 @@ from ..models import (
     load_pretrained,
     set_backbone_trainable,
 )
+from ..rejection import (
+    BANK_FILE,
+    FEATURE_SCORES,
+    MAX_BANK_IMAGES,
+    RISK_COVERAGE_PLOT,
+    RejectRule,
+    confidence_scores,
+    coverage_table,
+    fit_rule,
+    needs_features,
+    plot_risk_coverage,
+    risk_coverage,
+    save_bank,
+    split_output,
+    why_no_rule,
+)
+from ..rejection import SCORES as REJECTION_SCORES
+from ..rejection import parse_target as parse_reject_target
 from ..reports import format_metrics_table, plot_training_curves
 from ..runfolder import MODEL_META, build_model_meta, load_model, read_meta, write_model
 from .config import TrainConfig
@@ -667,17 +685,18 @@ class Trainer:
                 self.say(f"early stop: validation loss has not improved for {config.patience} epochs")
 
     def calibrate(self) -> dict:
-        """Fit the kept model's temperature on the validation split and store it in model.json.
+        """Fit the kept model's temperature on the validation split, then its "unknown" rule; both go into
+        model.json.
 
-        Returns the fit and the validation NLL/Brier/ECE before and after; writes reliability.png.
+        Returns the fit with the validation NLL/Brier/ECE before and after, and the rejection rule with its
+        risk-coverage figures; writes reliability.png and risk_coverage.png.
         """
-        model, meta = load_model(self.run_dir)
+        model, meta = load_model(self.run_dir, calibrated=False)
         model.to(self.runtime.device, memory_format=torch.channels_last)
         dataset = ImageDataset(
             self.source, "val", Preprocessing.from_dict(meta["preprocessing"]).eval_transform()
         )
-        logits, labels = predict_logits(model, eval_loader(dataset, self.config.num_workers), self.runtime)
-        raw = logits * float(meta.get("temperature", 1.0))  # a resumed run may be calibrated already
+        raw, labels = predict_logits(model, eval_loader(dataset, self.config.num_workers), self.runtime)
         reason = why_not_calibrated(raw, labels)
         temperature = 1.0 if reason else fit_temperature(raw, labels)
         before, after = softmax(raw), softmax(raw / temperature)
@@ -697,29 +716,98 @@ class Trainer:
         }
         if reason:
             self.say(f"calibration: temperature left at 1: {reason}")
-            return fit
-        self.say(
-            f"calibration: temperature {temperature:.3f} fitted on val: NLL {fit['before']['nll']:.4f} -> "
-            f"{fit['after']['nll']:.4f}, ECE {fit['before']['ece']:.4f} -> {fit['after']['ece']:.4f}"
-        )
-        return fit
+        else:
+            self.say(
+                f"calibration: temperature {temperature:.3f} fitted on val: NLL {fit['before']['nll']:.4f} -> "
+                f"{fit['after']['nll']:.4f}, ECE {fit['before']['ece']:.4f} -> {fit['after']['ece']:.4f}"
+            )
+        return fit, self.choose_rejection(raw / temperature, labels)
+
+    def choose_rejection(self, logits: np.ndarray, labels: np.ndarray) -> dict:
+        """The "unknown" rule for --reject-target on calibrated validation logits, stored in model.json.
+
+        The knn score also needs the validation photos' features and a bank of training features (written
+        to reject_bank.safetensors); a run with TTA or a fused/ensemble model falls back to msp and says so.
+        """
+        target, score = self.config.reject_target, self.config.reject_score
+        meta = {k: v for k, v in read_meta(self.run_dir).items() if k != "reject"}
+        reason = "--reject-target none" if parse_reject_target(target) is None else why_no_rule(labels)
+        features = bank = None
+        if not reason and score in FEATURE_SCORES:
+            if meta.get("tta", "none") != "none":
+                self.say(f"unknown answers: {score} needs the features of one view, not TTA's; using msp")
+                score = "msp"
+            else:
+                features, bank = self.rejection_features()
+        correct = logits.argmax(1) == labels
+        curves = {
+            name: risk_coverage(confidence_scores(logits, name, features, bank), correct)
+            for name in REJECTION_SCORES
+            if features is not None or name not in FEATURE_SCORES
+        }
+        rule = None if reason else fit_rule(logits, labels, target, score, features, bank)
+        (self.run_dir / BANK_FILE).unlink(missing_ok=True)
+        if bank is not None:
+            save_bank(self.run_dir, bank)
+        atomic_write_json(self.run_dir / MODEL_META, meta | ({"reject": rule.to_dict()} if rule else {}))
+        if len(labels):
+            plot_risk_coverage(curves, rule, self.run_dir / RISK_COVERAGE_PLOT)
+        if rule is None:
+            self.say(f'"unknown" answers: off ({reason})')
+        else:
+            self.say(f"unknown answers: {rule.describe()}")
+        return {
+            "rule": rule.to_dict() if rule else None,
+            "not_chosen_because": reason,
+            "aurc": {name: curve["aurc"] for name, curve in curves.items()},
+            "accuracy_at_coverage": coverage_table(
+                confidence_scores(logits, rule.score if rule else "msp", features, bank), correct
+            ),
+        }
+
+    def rejection_features(self) -> tuple[np.ndarray, np.ndarray]:
+        """(validation features, bank of training features): the kept model's normalised pooled features,
+        through the evaluation transform; the bank holds at most MAX_BANK_IMAGES training photos."""
+        model, meta = load_model(self.run_dir, features=True)
+        model.to(self.runtime.device, memory_format=torch.channels_last)
+        transform = Preprocessing.from_dict(meta["preprocessing"]).eval_transform()
+        classes = len(self.source.class_names)
+        found = []
+        for split in ("val", "train"):
+            dataset = ImageDataset(self.source, split, transform)
+            if split == "train" and len(dataset) > MAX_BANK_IMAGES:
+                keep = np.random.default_rng(self.config.seed).permutation(len(dataset))[:MAX_BANK_IMAGES]
+                dataset = torch.utils.data.Subset(dataset, sorted(keep.tolist()))
+            output, _ = predict_logits(model, eval_loader(dataset, self.config.num_workers), self.runtime)
+            found.append(split_output(output, classes)[1])
+        return found[0], found[1]
 
     def finish(self, history: list[dict], progress: dict) -> RunResult:
         """Calibrate the kept (best) model, evaluate it exactly as `resfit evaluate` would, write the reports."""
-        calibration = self.calibrate()
-        model, meta = load_model(self.run_dir)  # with the run's test-time augmentation, if it has one
+        calibration, rejection = self.calibrate()
+        # with the run's test-time augmentation, if it has one, and the features its "unknown" rule needs
+        model, meta = load_model(self.run_dir, features=needs_features(read_meta(self.run_dir).get("reject")))
         model.to(self.runtime.device, memory_format=torch.channels_last)
         preprocessing = Preprocessing.from_dict(meta["preprocessing"])
         splits = ["val"] + (["test"] if "test" in self.source.splits else [])
         results = {}
         for split in splits:
             metrics, probs = evaluate_split(
-                model, self.source, split, preprocessing, self.runtime, self.config.num_workers
+                model,
+                self.source,
+                split,
+                preprocessing,
+                self.runtime,
+                self.config.num_workers,
+                reject=RejectRule.from_run(self.run_dir, meta["reject"])
+                if split != "val" and meta.get("reject")
+                else None,
             )
             labels = np.asarray(self.source.splits[split].labels)
             metrics["calibration"] = calibration_scores(probs, labels)
             if split == "val":
                 metrics["temperature_scaling"] = calibration
+                metrics["rejection"] = rejection
             write_evaluation(
                 self.run_dir, metrics, probs, self.source, suffix="" if split == "val" else f"_{split}"
             )
