@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 from ..data.decoded_cache import MODES as DECODED_CACHE_MODES
 from ..data.transforms import AUGMENTATIONS
@@ -11,6 +11,7 @@ from ..hardware import PRECISIONS, parse_device
 from ..models import check_architecture
 from ..wrappers import TTA_MODES
 from .recipe import BALANCE_MODES
+from .tracking import check_trackers
 
 OPTIMIZERS = ("adamw", "sgd")
 BN_MODES = ("frozen", "train")
@@ -72,6 +73,9 @@ class TrainConfig:
     num_workers: int | None = None
     out: str | None = None
     quiet: bool = False
+    # experiment tracking (train/tracking.py): "tensorboard" and/or "mlflow"; empty = off
+    log: list[str] = field(default_factory=list)
+    mlflow_uri: str | None = None  # default $MLFLOW_TRACKING_URI, else a SQLite store in the run folder
 
     def validate(self) -> None:
         if not self.data:
@@ -129,6 +133,7 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        check_trackers(self.log, self.mlflow_uri)
 
     @property
     def head_lr(self) -> float:
