@@ -39,6 +39,28 @@ def _train_parser(sub) -> None:
     _add_train_flags(p, weights_help="imagenet (torchvision's weights), none, or a state-dict FILE")
     p.add_argument("--out", help="run folder (default runs/<model>-<timestamp>)")
     _add_exclude_flag(p)
+    _add_tracking_flags(p)
+
+
+def _add_tracking_flags(p) -> None:
+    from .train.tracking import tracker_names
+
+    # --track: the same flag under torchrun, whose own parser takes --log for an abbreviated --log-dir
+    p.add_argument(
+        "--log",
+        "--track",
+        type=tracker_names,
+        default=[],
+        metavar="TRACKERS",
+        help="experiment tracking, comma-separated: tensorboard (RUN_DIR/tensorboard), mlflow "
+        "(needs pip install 'resfit[track]'; default off); spell it --track under torchrun",
+    )
+    p.add_argument(
+        "--mlflow-uri",
+        metavar="URI",
+        help="MLflow tracking URI (a server http://HOST:5000 or sqlite:///FILE); default $MLFLOW_TRACKING_URI, "
+        "else sqlite in RUN_DIR/mlflow",
+    )
 
 
 def _add_exclude_flag(p) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 from ..data.decoded_cache import MODES as DECODED_CACHE_MODES
 from ..data.transforms import AUGMENTATIONS
@@ -15,6 +15,7 @@ from ..rejection import SCORES as REJECT_SCORES
 from ..rejection import parse_target as parse_reject_target
 from ..wrappers import TTA_MODES
 from .recipe import BALANCE_MODES
+from .tracking import check_trackers
 
 OPTIMIZERS = ("adamw", "sgd")
 BN_MODES = ("frozen", "train")
@@ -79,6 +80,9 @@ class TrainConfig:
     num_workers: int | None = None
     out: str | None = None
     quiet: bool = False
+    # experiment tracking (train/tracking.py): "tensorboard" and/or "mlflow"; empty = off
+    log: list[str] = field(default_factory=list)
+    mlflow_uri: str | None = None  # default $MLFLOW_TRACKING_URI, else a SQLite store in the run folder
 
     def validate(self) -> None:
         if not self.data:
@@ -139,6 +143,7 @@ class TrainConfig:
         parse_reject_target(self.reject_target)
         if self.reject_score not in REJECT_SCORES:
             raise ConfigError(f"reject-score must be one of {REJECT_SCORES}, got {self.reject_score!r}")
+        check_trackers(self.log, self.mlflow_uri)
 
     @property
     def head_lr(self) -> float:

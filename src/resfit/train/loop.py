@@ -106,6 +106,7 @@ from .recipe import (
     make_ema,
 )
 from .state import load_state, restore, save_state
+from .tracking import Tracking, open_tracking, require_tracker_packages
 
 TRAIN_CONFIG = "train_config.json"
 POSTFIX_EVERY = 10  # steps between progress-bar updates of the running loss (each one waits for the GPU)
@@ -228,6 +229,7 @@ class Trainer:
         self.scaler: torch.amp.GradScaler | None = (
             None  # fp16's loss scale, saved and resumed with the optimizer
         )
+        self.tracking = Tracking.off()  # --log: opened on rank 0 once the run folder exists
 
     # -- set-up -------------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -544,8 +546,20 @@ class Trainer:
 
     # -- the run ----------------------------------------------------------------------------------
     def run(self) -> RunResult | None:
+        try:
+            return self._run()
+        except BaseException as error:
+            self.tracking.close("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+            raise
+
+    def _run(self) -> RunResult | None:
         config = self.config
+        require_tracker_packages(config.log)  # on every process, before anything starts
         self.prepare()
+        if self.dist.is_main and config.log:
+            self.tracking = open_tracking(
+                config.log, config.mlflow_uri, self.run_dir, self.resuming, self.say
+            )
         progress = {
             "history": [],
             "best_val_acc": -1.0,
@@ -560,6 +574,8 @@ class Trainer:
             progress = {k: state[k] for k in progress}
             self.say(f"resuming {self.run_dir} after epoch {state['epoch']}")
         history = progress["history"]
+        for row in history:  # a resumed run's trackers get every epoch before the kill, each once
+            self.tracking.log_epoch(row)
         # A resumed run's clock continues from where the interrupted one stopped.
         elapsed_before = history[-1]["elapsed"] if history else 0.0
 
@@ -582,6 +598,7 @@ class Trainer:
                     write_model(self.run_dir, self.kept_model, self.meta | best)
                 save_state(self.run_dir, row["epoch"], self.model, optimizer, progress, self.ema, self.scaler)
                 write_history(self.run_dir, history)
+                self.tracking.log_epoch(row)
             barrier(self.dist)
             self.say(epoch_line(row) + ("  *best" if progress["best_epoch"] == row["epoch"] else ""))
 
@@ -608,6 +625,9 @@ class Trainer:
             if state is not None:  # killed during the test: run it again from the saved head
                 restore(self.model, None, state, tensors)
             self.choose_lr()
+        self.tracking.log_params(
+            config.to_dict()
+        )  # every "auto" resolved, the lr included: train_config.json
         optimizer = self.make_optimizer()
         self.scaler = self.runtime.grad_scaler()
         plan = self.epoch_plan(len(self.source.splits["train"].items)) if config.epochs else []
@@ -625,6 +645,8 @@ class Trainer:
         progress["done"] = True
         barrier(self.dist)
         result = self.finish(history, progress) if self.dist.is_main else None
+        self.tracking.log_final(self.run_dir)
+        self.tracking.close()
         barrier(self.dist)
         shutdown(self.dist)
         return result
