@@ -478,6 +478,8 @@ def _run_export(args) -> int:
     )
     result = export_run(config)
     print(f"wrote {result.path} in {result.seconds:.1f} s (top-1 agrees with PyTorch on every check image)")
+    if result.format == "timm":
+        print(f'load it with: timm.create_model("local-dir:{result.path.resolve()}", pretrained=True)')
     return 0
 
 
@@ -613,11 +615,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "export",
-        help="export a run to ONNX, OpenVINO IR or TorchScript, checked against PyTorch on real images",
+        help="export a run to ONNX, OpenVINO IR, TorchScript or a timm folder, checked against PyTorch on real images",
     )
     p.add_argument("run_dir")
-    p.add_argument("--format", default="onnx", choices=("onnx", "openvino", "torchscript"))
-    p.add_argument("--out", help="output file (default RUN_DIR/export/model.onnx|model.xml|model.pt)")
+    p.add_argument("--format", default="onnx", choices=("onnx", "openvino", "torchscript", "timm"))
+    p.add_argument(
+        "--out",
+        help="output file, or folder for timm (default RUN_DIR/export/model.onnx|model.xml|model.pt|timm)",
+    )
     p.add_argument(
         "--check-images",
         nargs="+",

@@ -1,8 +1,8 @@
-"""Export a run's model to ONNX, OpenVINO IR or TorchScript, and prove on real images that it still agrees.
+"""Export a run's model to ONNX, OpenVINO IR, TorchScript or a timm folder, and prove on real images that it agrees.
 
 Every exported file carries what is needed to use it: the class names in index order and the
-preprocessing from model.json (ONNX metadata_props, OpenVINO rt_info, a TorchScript extra file).
-The batch axis is dynamic; height and width are the run's crop size.
+preprocessing from model.json (ONNX metadata_props, OpenVINO rt_info, a TorchScript extra file, timm's
+config.json: see export_timm.py). The batch axis is dynamic; height and width are the run's crop size.
 """
 
 from __future__ import annotations
@@ -31,11 +31,12 @@ from .data.images import open_rgb
 from .data.sources import discover
 from .data.transforms import Preprocessing
 from .errors import ExportError, ImageReadError, ResfitError
+from .export_timm import check_timm_exportable, import_timm, load_timm_folder, write_timm_folder
 from .fileio import atomic_write, atomic_write_json
-from .runfolder import MODEL_WEIGHTS, load_model
+from .runfolder import MODEL_WEIGHTS, load_model, read_meta
 
-FORMATS = ("onnx", "openvino", "torchscript")
-FILE_NAMES = {"onnx": "model.onnx", "openvino": "model.xml", "torchscript": "model.pt"}
+FORMATS = ("onnx", "openvino", "torchscript", "timm")
+FILE_NAMES = {"onnx": "model.onnx", "openvino": "model.xml", "torchscript": "model.pt", "timm": "timm"}
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 ONNX_OPSET = 18
 DEFAULT_CHECK_IMAGES = 8
@@ -48,7 +49,7 @@ class ExportConfig:
 
     run_dir: str
     format: str = "onnx"
-    out: str | None = None  # default: RUN_DIR/export/model.onnx | model.xml | model.pt
+    out: str | None = None  # default: RUN_DIR/export/model.onnx | model.xml | model.pt | timm/ (a folder)
     check_images: list[str] = field(default_factory=list)  # default: validation images of the run's data
     num_check_images: int = DEFAULT_CHECK_IMAGES
     tta: str | None = None  # None: the run's stored test-time augmentation, baked into the exported graph
@@ -89,7 +90,7 @@ def export_run(config: ExportConfig, say: Callable[[str], None] = print) -> Expo
     if config.num_check_images < 1:
         raise ExportError(f"need at least one check image, got {config.num_check_images}")
     started = time.perf_counter()
-    model, meta = load_model(Path(config.run_dir), config.tta)
+    model, meta = _load_for(config, say)
     preprocessing = Preprocessing.from_dict(meta["preprocessing"])
     labels, batch = check_batch(config, meta, preprocessing)
     path = config.output_path()
@@ -99,6 +100,8 @@ def export_run(config: ExportConfig, say: Callable[[str], None] = print) -> Expo
     parity = compare_logits(TorchBackend(model, "fp32")(batch), exported(batch), labels)
     say(parity.describe(config.format))
     if parity.disagreements:
+        if config.format == "timm":
+            shutil.rmtree(path, ignore_errors=True)  # nobody should ship a folder that failed its check
         for part in (path, path.with_suffix(".bin")) if config.format == "openvino" else (path,):
             part.unlink(missing_ok=True)  # nobody should ship a file that failed its check
         raise ExportError(
@@ -108,12 +111,35 @@ def export_run(config: ExportConfig, say: Callable[[str], None] = print) -> Expo
     return ExportResult(path, config.format, parity, time.perf_counter() - started)
 
 
+def _load_for(config: ExportConfig, say: Callable[[str], None]) -> tuple[torch.nn.Module, dict]:
+    """The model the export holds; a timm folder holds the plain network, whatever TTA the run stores."""
+    if config.format != "timm":
+        return load_model(Path(config.run_dir), config.tta)
+    stored_meta = read_meta(Path(config.run_dir))
+    check_timm_exportable(stored_meta)
+    import_timm()
+    if config.tta not in (None, "none"):
+        raise ExportError(f"a timm model cannot hold test-time augmentation: drop --tta {config.tta}")
+    stored = stored_meta.get("tta") or "none"
+    model, meta = load_model(Path(config.run_dir), "none")
+    if stored != "none":
+        say(
+            f"note: the run's stored TTA ({stored}) is not part of a timm model: the folder holds the plain network"
+        )
+    return model, {**meta, "tta": stored}
+
+
 def write_export(model: torch.nn.Module, meta: dict, fmt: str, path: Path, digest: str = "") -> Path:
     """The exported file(s) at ``path``, written atomically, with class names and preprocessing inside."""
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.to(memory_format=torch.contiguous_format).eval()
     metadata = export_metadata(meta, digest)
-    writers = {"onnx": _write_onnx, "openvino": _write_openvino, "torchscript": _write_torchscript}
+    writers = {
+        "onnx": _write_onnx,
+        "openvino": _write_openvino,
+        "torchscript": _write_torchscript,
+        "timm": lambda model, meta, metadata, path: write_timm_folder(model, meta, path, digest),
+    }
     try:
         writers[fmt](model, meta, metadata, path)
     except ResfitError:
@@ -240,6 +266,8 @@ def load_exported(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return TorchBackend(torch.jit.load(str(path), map_location="cpu"), precision)
+    if fmt == "timm":
+        return TorchBackend(load_timm_folder(Path(path)), precision)
     raise ExportError(f"unknown export format {fmt!r}: choose one of {', '.join(FORMATS)}")
 
 

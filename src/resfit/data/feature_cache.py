@@ -35,7 +35,7 @@ def weights_fingerprint(module: torch.nn.Module, skip_prefix: str = "fc.") -> st
 
 
 def content_fingerprint(source: DatasetSource, split: str, indices: list[int] | None = None) -> str:
-    """A hash of each image's bytes and label, in order (CIFAR items hash their pixels)."""
+    """A hash of each image's bytes and label, in order (CIFAR items hash their pixels, dataset rows their bytes)."""
     data = source.splits[split]
     order = range(len(data.items)) if indices is None else indices
     digest = hashlib.blake2b(digest_size=20)
@@ -44,6 +44,8 @@ def content_fingerprint(source: DatasetSource, split: str, indices: list[int] | 
         digest.update(f"{data.labels[i]}\0".encode())
         if source.cifar is not None:
             digest.update(np.asarray(source.read(item)[0]).tobytes())
+        elif source.arrow is not None:
+            digest.update(hashlib.blake2b(source.arrow.encoded(item), digest_size=20).digest())
         else:
             digest.update(hashlib.blake2b(Path(item).read_bytes(), digest_size=20).digest())
     return digest.hexdigest()

@@ -42,6 +42,11 @@ def hash_items(source: DatasetSource, items: list[str], cache_dir: Path | None =
         pairs = [_hash_pixels(source, item) for item in items]
         phash = np.array([p[1] for p in pairs], np.uint64)
         return ImageHashes(items, [p[0] for p in pairs], phash, np.ones(len(items), bool))
+    if source.arrow is not None:  # dataset rows: bytes in memory-mapped tables, hashed each time (no cache)
+        sha256 = [hashlib.sha256(source.arrow.encoded(item)).hexdigest() for item in items]
+        hex_hashes = [_phash_hex(source, item) for item in items]
+        phash = np.array([int(h or "0", 16) for h in hex_hashes], np.uint64)
+        return ImageHashes(items, sha256, phash, np.array([bool(h) for h in hex_hashes], bool))
     cache_path = (cache_dir if cache_dir is not None else default_cache_dir()) / CACHE_FILE
     cache = _read_cache(cache_path)
     sha256, phash, changed = [], [], False

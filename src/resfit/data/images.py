@@ -62,30 +62,45 @@ class ImageCheck:
 
 
 def open_rgb(
-    source: str | os.PathLike | bytes | BinaryIO, max_pixels: int = DEFAULT_MAX_PIXELS
+    source: str | os.PathLike | bytes | BinaryIO,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    label: str = UPLOAD_LABEL,
 ) -> tuple[Image.Image, list[str]]:
-    """Fully decoded RGB image plus a note for every conversion applied; raises ImageReadError."""
+    """Fully decoded RGB image plus a note for every conversion applied; raises ImageReadError.
+
+    ``label`` names in-memory data (bytes or a stream) in errors: an upload, or a dataset row.
+    """
     if isinstance(source, (bytes, bytearray, memoryview)):
-        label, data = UPLOAD_LABEL, bytes(source)
+        data = bytes(source)
     elif isinstance(source, (str, os.PathLike)):
         label = os.fspath(source)
         _require_regular_nonempty_file(label)
         data = _read_bytes(label)
     else:
-        label, data = UPLOAD_LABEL, source.read()
+        data = source.read()
     if not data:
         raise ImageReadError(label, "empty file (0 bytes)")
     image, notes, _ = _decode(io.BytesIO(data), label, max_pixels, for_check=False)
     return image, notes
 
 
-def check_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageCheck:
-    """Decode once (JPEGs at 1/8 scale, which still reads every byte) and report what open_rgb would do."""
-    label = os.fspath(path)
+def check_image(
+    source: str | os.PathLike | bytes, max_pixels: int = DEFAULT_MAX_PIXELS, label: str = UPLOAD_LABEL
+) -> ImageCheck:
+    """Decode once (JPEGs at 1/8 scale, which still reads every byte) and report what open_rgb would do.
+
+    ``source`` is a file, or an image's encoded bytes (a dataset row, named ``label``).
+    """
     try:
-        _require_regular_nonempty_file(label)
-        with _open_file(label) as handle:
-            _, notes, (width, height) = _decode(handle, label, max_pixels, for_check=True)
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            if not source:
+                raise ImageReadError(label, "empty image data (0 bytes)")
+            _, notes, (width, height) = _decode(io.BytesIO(source), label, max_pixels, for_check=True)
+        else:
+            label = os.fspath(source)
+            _require_regular_nonempty_file(label)
+            with _open_file(label) as handle:
+                _, notes, (width, height) = _decode(handle, label, max_pixels, for_check=True)
     except ImageReadError as error:
         width, height = error.size if isinstance(error, _SizedImageReadError) else (None, None)
         return ImageCheck(ok=False, reason=error.reason, notes=(), width=width, height=height)

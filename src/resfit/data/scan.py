@@ -3,7 +3,8 @@
 A corrupt file found at epoch 7 wastes a run; one found before training is a line in a report.
 ``scan_source`` decodes each file once (see images.check_image), drops the unusable ones with their
 reason, records every conversion, and keeps the verdicts in a cache keyed by absolute path, size
-and modification time, so the next run over the same folder costs one stat per file. The cache
+and modification time, so the next run over the same folder costs one stat per file (a row of a
+`datasets` dataset is keyed by a digest of its bytes instead). The cache
 lives under $RESFIT_CACHE (or ~/.cache/resfit), never inside the dataset.
 """
 
@@ -21,12 +22,12 @@ from tqdm import tqdm
 from resfit.data.exclusions import read_exclusions, resolve_exclusions
 from resfit.data.images import DEFAULT_MAX_PIXELS, ImageCheck, check_image
 from resfit.data.sources import DatasetSource, Split, discover
-from resfit.errors import ConfigError, DataError
+from resfit.errors import ConfigError, DataError, ImageReadError
 from resfit.fileio import atomic_write_json
 
 CACHE_FILE = "scan-v1.json"
 REPORT_FILE = "data_report.json"
-_CACHE_FIELDS = ("size", "mtime_ns", "max_pixels", "ok", "reason", "notes", "width", "height")
+_CACHE_FIELDS = ("ok", "reason", "notes", "width", "height")  # the verdict; its key fields are checked apart
 PROGRESS_DELAY_S = 0.5  # a cached or small scan finishes before this and prints nothing
 
 
@@ -169,18 +170,17 @@ def _check_files(
     with bar:
         for item in items:
             bar.update()
-            try:
-                info = os.stat(item)
-            except OSError as error:
-                reason = (
-                    "file not found" if isinstance(error, FileNotFoundError) else f"cannot read file: {error}"
-                )
-                checks[item] = ImageCheck(ok=False, reason=reason, notes=())
+            key, failure = _verdict_key(source, item, max_pixels)
+            if failure is not None:
+                checks[item] = failure
                 continue
-            key = {"size": info.st_size, "mtime_ns": info.st_mtime_ns, "max_pixels": max_pixels}
             check = _cached_check(cache.get(item), key)
             if check is None:
-                check = check_image(item, max_pixels)
+                check = (
+                    check_image(item, max_pixels)
+                    if source.arrow is None
+                    else source.arrow.check(item, max_pixels)
+                )
                 cache[item] = {**key, **_check_to_json(check)}
                 changed = True
             checks[item] = check
@@ -191,6 +191,23 @@ def _check_files(
         except OSError as error:  # the cache only saves time: say so and carry on
             notes.append(f"scan cache not saved to {cache_path}: {error.strerror or error}")
     return checks, notes
+
+
+def _verdict_key(source: DatasetSource, item: str, max_pixels: int) -> tuple[dict, ImageCheck | None]:
+    """What a cached verdict must still match: a file's size and mtime, or a dataset row's bytes digest.
+
+    Or, where even that cannot be read, the failed check itself."""
+    if source.arrow is not None:
+        try:
+            return {"digest": source.arrow.digest(item), "max_pixels": max_pixels}, None
+        except ImageReadError as error:
+            return {}, ImageCheck(ok=False, reason=error.reason, notes=())
+    try:
+        info = os.stat(item)
+    except OSError as error:
+        reason = "file not found" if isinstance(error, FileNotFoundError) else f"cannot read file: {error}"
+        return {}, ImageCheck(ok=False, reason=reason, notes=())
+    return {"size": info.st_size, "mtime_ns": info.st_mtime_ns, "max_pixels": max_pixels}, None
 
 
 def _cache_path(cache_dir: Path | None, dataset_root: Path) -> Path:

@@ -1,8 +1,9 @@
 """Find a dataset's classes and its train/val(/test) splits from whatever the user pointed at.
 
-Four layouts are understood, tried in this order: the CIFAR-10 python archive, a CSV manifest
-(path,label[,split]), an ImageFolder tree (train/<class>/, val/<class>/, optional test/), and a
-flat tree (<class>/ only). Discovery only lists files; decoding and validation happen once, in
+Six layouts are understood, tried in this order: the CIFAR-10 python archive, a Hugging Face
+`datasets` dataset saved with save_to_disk, parquet files with an image and a label column (both
+read in hf.py), a CSV manifest (path,label[,split]), an ImageFolder tree (train/<class>/,
+val/<class>/, optional test/), and a flat tree (<class>/ only). Discovery only lists files; decoding and validation happen once, in
 scan.py. Where the data has no validation split, one is held out here, per class and seeded, and
 a note says so.
 """
@@ -19,7 +20,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from resfit.data.arrow_images import ArrowImages
 from resfit.data.cifar import CifarArrays, is_cifar10, read_cifar10
+from resfit.data.hf import is_saved_dataset, parquet_files, read_arrow_dataset
 from resfit.data.images import DEFAULT_MAX_PIXELS, open_rgb
 from resfit.errors import ConfigError, DataError
 
@@ -30,7 +33,7 @@ SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "
 
 @dataclass
 class Split:
-    """One split: parallel lists of items (absolute paths, or CIFAR keys) and class indices."""
+    """One split: parallel lists of items (absolute paths, CIFAR keys or dataset rows) and class indices."""
 
     items: list[str]
     labels: list[int]
@@ -44,17 +47,20 @@ class DatasetSource:
     """Where the images are, what the classes are called, and which items belong to which split."""
 
     root: Path
-    layout: str  # "imagefolder" | "flat" | "csv" | "cifar10"
+    layout: str  # "imagefolder" | "flat" | "csv" | "cifar10" | "hf-disk" | "parquet"
     class_names: list[str]
     splits: dict[str, Split]
     notes: list[str]
     max_pixels: int = DEFAULT_MAX_PIXELS  # the limit the scan accepted these files under
     cifar: CifarArrays | None = field(default=None, repr=False, compare=False)
+    arrow: ArrowImages | None = field(default=None, repr=False, compare=False)  # hf-disk, parquet rows
 
     def read(self, item: str) -> tuple[Image.Image, list[str]]:
         """RGB image and conversion notes for one item of any split."""
         if self.layout == "cifar10":
             return Image.fromarray(self._cifar_pixels(item)), []
+        if self.arrow is not None:
+            return self.arrow.read(item, self.max_pixels)
         return open_rgb(item, self.max_pixels)
 
     def _cifar_pixels(self, item: str) -> np.ndarray:
@@ -76,10 +82,14 @@ def discover(data: str | os.PathLike, *, val_fraction: float = 0.2, seed: int = 
         raise DataError(f"dataset not found: {root}")
     if is_cifar10(root):
         return _discover_cifar(root, val_fraction, seed)
+    if is_saved_dataset(root) or parquet_files(root):
+        return _discover_arrow(root, val_fraction, seed)
     if root.is_file():
         if root.suffix.lower() == ".csv":
             return _discover_csv(root, val_fraction, seed)
-        raise DataError(f"{root} is a file: expected a folder of class folders, a .csv manifest or CIFAR-10")
+        raise DataError(
+            f"{root} is a file: expected a folder of class folders, a .csv manifest, a .parquet file or CIFAR-10"
+        )
     if (root / "train").is_dir():
         return _discover_imagefolder(root, val_fraction, seed)
     return _discover_flat(root, val_fraction, seed)
@@ -123,6 +133,27 @@ def _discover_cifar(root: Path, val_fraction: float, seed: int) -> DatasetSource
         splits={"train": everything.subset(keep), "val": everything.subset(held), "test": test},
         notes=[note],
         cifar=arrays,
+    )
+
+
+def _discover_arrow(root: Path, val_fraction: float, seed: int) -> DatasetSource:
+    found = read_arrow_dataset(root)
+    splits = {role: Split(items, labels) for role, (items, labels) in found.splits.items()}
+    notes = list(found.notes)
+    if "val" not in splits:
+        splits["train"], splits["val"] = _hold_out(splits["train"], val_fraction, seed)
+        notes.append(
+            f"no validation split: held out {_percent(val_fraction)} of each class of train for validation "
+            f"(seed {seed})"
+        )
+    ordered = {name: splits[name] for name in ("train", "val", "test") if name in splits}
+    return DatasetSource(
+        root=root,
+        layout=found.layout,
+        class_names=found.class_names,
+        splits=ordered,
+        notes=notes,
+        arrow=found.images,
     )
 
 
