@@ -157,7 +157,7 @@ class Classifier:
         features = config.reject and needs_features(stored.get("reject"))
         if features and (config.tta or stored.get("tta", "none")) != "none":
             if say is not None:
-                say('note: the run\'s "unknown" rule reads one view\'s features, so it is off under TTA')
+                say("note: the run's \"unknown\" rule reads one view's features, so it is off under TTA")
             config, features = replace(config, reject=False), False
         model, meta = load_model(Path(run_dir), config.tta, features=features)
         cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
