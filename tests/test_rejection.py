@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -175,3 +176,19 @@ def test_a_run_without_a_rule_always_answers(tiny_imagefolder, tmp_path):
     images = sorted((tiny_imagefolder / "val").rglob("*.png"))[:3]
     predictions = list(classifier.predict_paths(map(str, images)))
     assert [p.to_dict()["predicted"] in ("red", "blue") for p in predictions] == [True] * 3
+
+
+@pytest.mark.slow
+def test_an_ensemble_is_calibrated_as_the_model_it_is_and_answers_unknown_by_msp(ants_bees_run, tmp_path):
+    from resfit.ensemble import build_ensemble
+
+    second = tmp_path / "second"
+    shutil.copytree(ants_bees_run, second)
+    build_ensemble([ants_bees_run, second], tmp_path / "ensemble", None, "equal", say=lambda _: None)
+    meta = json.loads((tmp_path / "ensemble" / "model.json").read_text())
+    member = json.loads((ants_bees_run / "model.json").read_text())
+    # two copies average to the member's own uncalibrated output, so the same temperature fits it
+    assert meta["temperature"] == pytest.approx(member["temperature"], rel=1e-3) and meta["temperature"] != 1.0
+    assert meta["reject"]["score"] == "msp" and 0.9 <= meta["reject"]["coverage"] <= 1.0
+    metrics = json.loads((tmp_path / "ensemble" / "metrics.json").read_text())
+    assert metrics["temperature_scaling"]["after"]["nll"] <= metrics["temperature_scaling"]["before"]["nll"]

@@ -128,3 +128,41 @@ def plot_reliability(before: list[dict], after: list[dict], temperature: float, 
     figure.tight_layout()
     atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"))
     plt.close(figure)
+
+
+def calibrate_run(run_dir: Path, raw_logits: np.ndarray, labels: np.ndarray, say) -> dict:
+    """Fit the temperature on a run's held-out (uncalibrated) logits, store it in model.json, plot the
+    reliability diagram; returns the fit with NLL/Brier/ECE before and after (T stays 1 where it cannot
+    be pinned down, with the reason)."""
+    from .fileio import atomic_write_json
+    from .runfolder import MODEL_META, read_meta
+
+    reason = why_not_calibrated(raw_logits, labels)
+    temperature = 1.0 if reason else fit_temperature(raw_logits, labels)
+    before, after = _softmax(raw_logits), _softmax(raw_logits / temperature)
+    atomic_write_json(Path(run_dir) / MODEL_META, read_meta(Path(run_dir)) | {"temperature": temperature})
+    plot_reliability(
+        reliability_bins(before, labels),
+        reliability_bins(after, labels),
+        temperature,
+        Path(run_dir) / RELIABILITY_PLOT,
+    )
+    fit = {
+        "temperature": temperature,
+        "fitted_on": "val",
+        "not_fitted_because": reason,
+        "before": calibration_scores(before, labels),
+        "after": calibration_scores(after, labels),
+    }
+    if reason:
+        say(f"calibration: temperature left at 1: {reason}")
+    else:
+        say(
+            f"calibration: temperature {temperature:.3f} fitted on val: NLL {fit['before']['nll']:.4f} -> "
+            f"{fit['after']['nll']:.4f}, ECE {fit['before']['ece']:.4f} -> {fit['after']['ece']:.4f}"
+        )
+    return fit
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    return np.exp(_log_softmax(logits))

@@ -16,11 +16,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .calibration import calibrate_run, calibration_scores
+from .data.dataset import ImageDataset
 from .data.scan import load_dataset
 from .data.transforms import Preprocessing
 from .errors import ConfigError, RunFolderError
-from .evaluate import evaluate_split, write_evaluation
+from .evaluate import eval_loader, evaluate_split, predict_logits, write_evaluation
 from .hardware import apply_threads, resolve_runtime
+from .rejection import DEFAULT_TARGET, RejectRule, choose_and_store_rule
 from .reports import format_metrics_table
 from .runfolder import ENSEMBLE, MODEL_META, build_model_meta, load_model, read_meta, write_model
 from .wrappers import EnsembleModel, check_tta
@@ -88,6 +91,16 @@ def choose_weights(member_probs: list[np.ndarray], labels: np.ndarray) -> list[f
     return best
 
 
+def _calibrate(out: Path, source, runtime, reject_target: str, say) -> tuple[dict, dict]:
+    model, meta = load_model(out, calibrated=False)
+    model.to(runtime.device, memory_format=torch.channels_last)
+    dataset = ImageDataset(source, "val", Preprocessing.from_dict(meta["preprocessing"]).eval_transform())
+    raw, labels = predict_logits(model, eval_loader(dataset, 0), runtime)
+    fit = calibrate_run(out, raw, labels, say)
+    rule = choose_and_store_rule(out, raw / fit["temperature"], labels, reject_target, "msp", say)
+    return fit, rule
+
+
 def build_ensemble(
     run_dirs: list[str | Path],
     out: str | Path,
@@ -97,8 +110,12 @@ def build_ensemble(
     tta: str = "none",
     device: str = "auto",
     precision: str = "auto",
+    reject_target: str = DEFAULT_TARGET,
 ) -> EnsembleResult:
-    """Write the ensemble of ``run_dirs`` to ``out`` and evaluate it on the validation (and test) split."""
+    """Write the ensemble of ``run_dirs`` to ``out`` and evaluate it on the validation (and test) split.
+
+    The ensemble is calibrated as the model it is (one temperature on its averaged output, fitted on val)
+    and gets an msp "unknown" rule: it has no single feature vector for the knn score."""
     started = time.perf_counter()
     if weighting not in WEIGHTINGS:
         raise ConfigError(f"unknown weighting {weighting!r}: choose one of {', '.join(WEIGHTINGS)}")
@@ -181,15 +198,26 @@ def build_ensemble(
     )
     out.mkdir(parents=True, exist_ok=True)
     write_model(out, ensemble, meta)
+    calibration, rejection = _calibrate(out, source, runtime, reject_target, say)
 
     # Score the saved folder exactly as `resfit evaluate` would.
     model, saved_meta = load_model(out)
     model.to(runtime.device, memory_format=torch.channels_last)
+    rule = RejectRule.from_dict(saved_meta["reject"]) if saved_meta.get("reject") else None
     results = {}
     for split in ["val"] + (["test"] if "test" in source.splits else []):
         metrics, probs = evaluate_split(
-            model, source, split, Preprocessing.from_dict(saved_meta["preprocessing"]), runtime
+            model,
+            source,
+            split,
+            Preprocessing.from_dict(saved_meta["preprocessing"]),
+            runtime,
+            reject=rule if split != "val" else None,
         )
+        labels = np.asarray(source.splits[split].labels)
+        metrics["calibration"] = calibration_scores(probs, labels)
+        if split == "val":
+            metrics["temperature_scaling"], metrics["rejection"] = calibration, rejection
         write_evaluation(out, metrics, probs, source, suffix="" if split == "val" else f"_{split}")
         results[split] = metrics
     say(format_metrics_table(results["val"]))

@@ -299,3 +299,45 @@ def plot_risk_coverage(curves: dict[str, dict], rule: RejectRule | None, path: P
     figure.tight_layout()
     atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"))
     plt.close(figure)
+
+
+def choose_and_store_rule(
+    run_dir: Path,
+    logits: np.ndarray,
+    labels: np.ndarray,
+    target: str,
+    score: str,
+    say,
+    features: np.ndarray | None = None,
+    bank: np.ndarray | None = None,
+) -> dict:
+    """The "unknown" rule for ``target`` on calibrated held-out logits, stored in model.json (its bank, for
+    knn, in reject_bank.safetensors); risk_coverage.png; returns the rule and its risk-coverage figures."""
+    from .fileio import atomic_write_json
+    from .runfolder import MODEL_META, read_meta
+
+    run_dir = Path(run_dir)
+    meta = {k: v for k, v in read_meta(run_dir).items() if k != "reject"}
+    reason = "--reject-target none" if parse_target(target) is None else why_no_rule(labels)
+    correct = np.asarray(logits).argmax(1) == np.asarray(labels)
+    curves = {
+        name: risk_coverage(confidence_scores(logits, name, features, bank), correct)
+        for name in SCORES
+        if features is not None or name not in FEATURE_SCORES
+    }
+    rule = None if reason else fit_rule(logits, labels, target, score, features, bank)
+    (run_dir / BANK_FILE).unlink(missing_ok=True)
+    if rule is not None and bank is not None and score in FEATURE_SCORES:
+        save_bank(run_dir, bank)
+    atomic_write_json(run_dir / MODEL_META, meta | ({"reject": rule.to_dict()} if rule else {}))
+    if len(labels):
+        plot_risk_coverage(curves, rule, run_dir / RISK_COVERAGE_PLOT)
+    say(f'"unknown" answers: off ({reason})' if rule is None else f"unknown answers: {rule.describe()}")
+    return {
+        "rule": rule.to_dict() if rule else None,
+        "not_chosen_because": reason,
+        "aurc": {name: curve["aurc"] for name, curve in curves.items()},
+        "accuracy_at_coverage": coverage_table(
+            confidence_scores(logits, rule.score if rule else "msp", features, bank), correct
+        ),
+    }

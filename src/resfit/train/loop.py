@@ -22,14 +22,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..calibration import (
-    RELIABILITY_PLOT,
-    calibration_scores,
-    fit_temperature,
-    plot_reliability,
-    reliability_bins,
-    why_not_calibrated,
-)
+from ..calibration import calibrate_run, calibration_scores
 from ..data.dataset import ImageDataset
 from ..data.decoded_cache import decoded_caches
 from ..data.duplicates import hash_duplicates, warning_line
@@ -52,7 +45,6 @@ from ..evaluate import (
     eval_loader,
     evaluate_split,
     predict_logits,
-    softmax,
     to_device,
     write_evaluation,
 )
@@ -69,22 +61,14 @@ from ..models import (
     set_backbone_trainable,
 )
 from ..rejection import (
-    BANK_FILE,
     FEATURE_SCORES,
     MAX_BANK_IMAGES,
-    RISK_COVERAGE_PLOT,
     RejectRule,
-    confidence_scores,
-    coverage_table,
-    fit_rule,
+    choose_and_store_rule,
     needs_features,
-    plot_risk_coverage,
-    risk_coverage,
-    save_bank,
     split_output,
     why_no_rule,
 )
-from ..rejection import SCORES as REJECTION_SCORES
 from ..rejection import parse_target as parse_reject_target
 from ..reports import format_metrics_table, plot_training_curves
 from ..runfolder import MODEL_META, build_model_meta, load_model, read_meta, write_model
@@ -706,12 +690,12 @@ class Trainer:
             if progress["bad_epochs"] >= config.patience and epoch < config.epochs:
                 self.say(f"early stop: validation loss has not improved for {config.patience} epochs")
 
-    def calibrate(self) -> dict:
+    def calibrate(self) -> tuple[dict, dict]:
         """Fit the kept model's temperature on the validation split, then its "unknown" rule; both go into
-        model.json.
+        model.json (calibration.calibrate_run, rejection.choose_and_store_rule).
 
-        Returns the fit with the validation NLL/Brier/ECE before and after, and the rejection rule with its
-        risk-coverage figures; writes reliability.png and risk_coverage.png.
+        The knn score also needs the validation photos' features and a bank of training features; a run with
+        TTA falls back to msp (its views have no one feature vector) and says so.
         """
         model, meta = load_model(self.run_dir, calibrated=False)
         model.to(self.runtime.device, memory_format=torch.channels_last)
@@ -719,73 +703,19 @@ class Trainer:
             self.source, "val", Preprocessing.from_dict(meta["preprocessing"]).eval_transform()
         )
         raw, labels = predict_logits(model, eval_loader(dataset, self.config.num_workers), self.runtime)
-        reason = why_not_calibrated(raw, labels)
-        temperature = 1.0 if reason else fit_temperature(raw, labels)
-        before, after = softmax(raw), softmax(raw / temperature)
-        atomic_write_json(self.run_dir / MODEL_META, read_meta(self.run_dir) | {"temperature": temperature})
-        plot_reliability(
-            reliability_bins(before, labels),
-            reliability_bins(after, labels),
-            temperature,
-            self.run_dir / RELIABILITY_PLOT,
-        )
-        fit = {
-            "temperature": temperature,
-            "fitted_on": "val",
-            "not_fitted_because": reason,
-            "before": calibration_scores(before, labels),
-            "after": calibration_scores(after, labels),
-        }
-        if reason:
-            self.say(f"calibration: temperature left at 1: {reason}")
-        else:
-            self.say(
-                f"calibration: temperature {temperature:.3f} fitted on val: NLL {fit['before']['nll']:.4f} -> "
-                f"{fit['after']['nll']:.4f}, ECE {fit['before']['ece']:.4f} -> {fit['after']['ece']:.4f}"
-            )
-        return fit, self.choose_rejection(raw / temperature, labels)
-
-    def choose_rejection(self, logits: np.ndarray, labels: np.ndarray) -> dict:
-        """The "unknown" rule for --reject-target on calibrated validation logits, stored in model.json.
-
-        The knn score also needs the validation photos' features and a bank of training features (written
-        to reject_bank.safetensors); a run with TTA or a fused/ensemble model falls back to msp and says so.
-        """
+        fit = calibrate_run(self.run_dir, raw, labels, self.say)
         target, score = self.config.reject_target, self.config.reject_score
-        meta = {k: v for k, v in read_meta(self.run_dir).items() if k != "reject"}
-        reason = "--reject-target none" if parse_reject_target(target) is None else why_no_rule(labels)
         features = bank = None
-        if not reason and score in FEATURE_SCORES:
+        if score in FEATURE_SCORES and parse_reject_target(target) and not why_no_rule(labels):
             if meta.get("tta", "none") != "none":
                 self.say(f"unknown answers: {score} needs the features of one view, not TTA's; using msp")
                 score = "msp"
             else:
                 features, bank = self.rejection_features()
-        correct = logits.argmax(1) == labels
-        curves = {
-            name: risk_coverage(confidence_scores(logits, name, features, bank), correct)
-            for name in REJECTION_SCORES
-            if features is not None or name not in FEATURE_SCORES
-        }
-        rule = None if reason else fit_rule(logits, labels, target, score, features, bank)
-        (self.run_dir / BANK_FILE).unlink(missing_ok=True)
-        if bank is not None:
-            save_bank(self.run_dir, bank)
-        atomic_write_json(self.run_dir / MODEL_META, meta | ({"reject": rule.to_dict()} if rule else {}))
-        if len(labels):
-            plot_risk_coverage(curves, rule, self.run_dir / RISK_COVERAGE_PLOT)
-        if rule is None:
-            self.say(f'"unknown" answers: off ({reason})')
-        else:
-            self.say(f"unknown answers: {rule.describe()}")
-        return {
-            "rule": rule.to_dict() if rule else None,
-            "not_chosen_because": reason,
-            "aurc": {name: curve["aurc"] for name, curve in curves.items()},
-            "accuracy_at_coverage": coverage_table(
-                confidence_scores(logits, rule.score if rule else "msp", features, bank), correct
-            ),
-        }
+        logits = raw / fit["temperature"]
+        return fit, choose_and_store_rule(
+            self.run_dir, logits, labels, target, score, self.say, features, bank
+        )
 
     def rejection_features(self) -> tuple[np.ndarray, np.ndarray]:
         """(validation features, bank of training features): the kept model's normalised pooled features,
