@@ -102,5 +102,15 @@ def test_page_shows_the_right_class_for_a_real_validation_photo(
         bars = browser.find_elements(By.CSS_SELECTOR, "#bars li")
         assert [bar.find_element(By.CLASS_NAME, "name").text for bar in bars][0] == true_class
         assert browser.find_element(By.ID, "preview").get_attribute("naturalWidth") not in (None, "0")
+        assert not browser.find_element(By.ID, "unknown-note").is_displayed()
         assert browser.save_screenshot(str(tmp_path / "page.png"))
+        # a flower shown to the ants/bees model: the page says "unknown" and why, with the best guess
+        flowers = sorted(shared_dir.joinpath("data", "flowers5", "val", "tulip").glob("*.jpg"))[:12]
+        _, answers = reference.predict_answers(flowers)
+        unknown = [photo for photo, answer in zip(flowers, answers, strict=True) if answer.unknown]
+        assert unknown, "none of 12 tulips is unknown to the ants/bees model"
+        assert upload(browser, url, unknown[0]) == "done"
+        assert browser.find_element(By.ID, "predicted").text == "unknown"
+        note = browser.find_element(By.ID, "unknown-note")
+        assert note.is_displayed() and "best guess" in note.text and "knn" in note.text
     assert (tmp_path / "page.png").stat().st_size > 10_000

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from test_export import train_real_run
 
-import resfit
 from resfit.errors import ConfigError
 from resfit.predict import Classifier, InferenceConfig
 from resfit.rejection import BANK_FILE, confidence_scores, fit_rule, parse_target, risk_coverage
@@ -68,18 +68,7 @@ def test_risk_coverage_puts_mistakes_ranked_last_under_the_smallest_area():
 @pytest.fixture(scope="module")
 def ants_bees_run(shared_dir, tmp_path_factory) -> Path:
     """ResNet-50 from the Imagenette source on ants/bees, head stage (~30 s), the default "unknown" rule."""
-    out = tmp_path_factory.mktemp("reject") / "run"
-    config = resfit.TrainConfig(
-        data=str(shared_dir.joinpath(*HYMENOPTERA)),
-        model="resnet50",
-        weights=str(shared_dir / "weights" / "resnet50-imagenette.pth"),
-        epochs=0,
-        num_workers=0,
-        quiet=True,
-        out=str(out),
-    )
-    resfit.train(config, say=lambda _: None)
-    return out
+    return train_real_run(shared_dir, tmp_path_factory.getbasetemp())
 
 
 def flower_photos(shared_dir: Path, count: int = 24) -> list[Path]:
@@ -188,7 +177,9 @@ def test_an_ensemble_is_calibrated_as_the_model_it_is_and_answers_unknown_by_msp
     meta = json.loads((tmp_path / "ensemble" / "model.json").read_text())
     member = json.loads((ants_bees_run / "model.json").read_text())
     # two copies average to the member's own uncalibrated output, so the same temperature fits it
-    assert meta["temperature"] == pytest.approx(member["temperature"], rel=1e-3) and meta["temperature"] != 1.0
+    assert (
+        meta["temperature"] == pytest.approx(member["temperature"], rel=1e-3) and meta["temperature"] != 1.0
+    )
     assert meta["reject"]["score"] == "msp" and 0.9 <= meta["reject"]["coverage"] <= 1.0
     metrics = json.loads((tmp_path / "ensemble" / "metrics.json").read_text())
     assert metrics["temperature_scaling"]["after"]["nll"] <= metrics["temperature_scaling"]["before"]["nll"]

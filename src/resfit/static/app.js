@@ -24,6 +24,14 @@ async function loadModel() {
 
 function drawResult(result) {
   $("predicted").textContent = result.predicted;
+  // "unknown": the run's rule found the photo unlike its training photos; the bars still show the guess.
+  const note = $("unknown-note");
+  if (result.unknown) {
+    note.textContent =
+      `Not like the photos this model was trained on (${result.score.name} score ` +
+      `${result.score.value.toFixed(3)}, below ${result.score.threshold.toFixed(3)}); best guess: ${result.best_guess}.`;
+  }
+  show(note, Boolean(result.unknown));
   const bars = $("bars");
   bars.replaceChildren();
   for (const entry of result.top_k) {

@@ -32,17 +32,8 @@ DEFAULT_EXPERIMENT = "resfit"
 # Not copied as artifacts: the resume state is scratch (model.safetensors is the kept model), and the
 # embedded MLflow store would be copied into itself.
 NOT_ARTIFACTS = ("resume", MLFLOW_DIR)
-EPOCH_FIELDS = (
-    "lr",
-    "train_loss",
-    "train_acc",
-    "val_loss",
-    "val_acc",
-    "seconds",
-    "elapsed",
-    "images_per_s",
-    "probe_c",
-)
+# Not logged as scalars: the row's step and its stage's name (the epoch is the step already).
+NOT_SCALARS = ("epoch", "stage")
 FINAL_METRICS = {"val": "metrics.json", "test": "metrics_test.json"}
 
 
@@ -94,7 +85,7 @@ def flat_params(config: dict) -> dict[str, str]:
 
 def epoch_scalars(row: dict) -> dict[str, float]:
     """The numbers of one history row (losses, accuracies, lr, images/s, seconds); stages lacking one skip it."""
-    values = {key: row.get(key) for key in EPOCH_FIELDS}
+    values = {key: value for key, value in row.items() if key not in NOT_SCALARS}
     return {
         key: float(value)
         for key, value in values.items()
