@@ -30,7 +30,7 @@ import torch
 
 from .errors import ConfigError
 from .fileio import atomic_write_json
-from .hardware import CpuInfo
+from .hardware import CpuInfo, cpu_precision
 
 BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
 BACKEND_PRECISIONS = ("auto", "fp32", "bf16", "int8")
@@ -94,8 +94,8 @@ def choose_backend(
             )
         name, why = backend, "asked for"
     if precision == "auto":
-        precision = "bf16" if cpu.native_bf16 and "bf16" in SUPPORTED_PRECISIONS[name] else "fp32"
-        why += "; " + _precision_reason(cpu, name, precision)
+        precision, reason = cpu_precision(cpu, "bf16" in SUPPORTED_PRECISIONS[name], name)
+        why += "; " + reason
     elif precision not in SUPPORTED_PRECISIONS[name]:
         raise ConfigError(
             f"{name} runs {', '.join(SUPPORTED_PRECISIONS[name])} on CPU, not {precision}: "
@@ -205,14 +205,6 @@ def _auto_backend(cpu: CpuInfo) -> tuple[str, str]:
     if is_available("onnxruntime"):
         return "onnxruntime", "OpenVINO is not installed; ONNX Runtime beats eager PyTorch on CPU (measured)"
     return "torch", "neither OpenVINO nor ONNX Runtime is installed"
-
-
-def _precision_reason(cpu: CpuInfo, name: str, precision: str) -> str:
-    if precision == "bf16":
-        return "bf16 because the CPU has it natively (--precision fp32 for exact fp32 logits)"
-    if not cpu.native_bf16:
-        return "fp32 because bf16 would be emulated (slow) on this CPU"
-    return f"fp32 because {name} has no bf16 path on CPU"
 
 
 class TorchBackend:

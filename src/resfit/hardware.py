@@ -174,6 +174,16 @@ def gpu_has_native_bf16(device: str) -> bool:
     return major >= 8
 
 
+def cpu_precision(cpu: CpuInfo, engine_has_bf16: bool = True, engine: str = "torch") -> tuple[str, str]:
+    """The one CPU precision rule (training and every inference engine): bf16 where the CPU runs it
+    natively and the engine has a bf16 path, else fp32; with the reason in words."""
+    if cpu.native_bf16 and engine_has_bf16:
+        return "bf16", "bf16 because the CPU has it natively (--precision fp32 for exact fp32 results)"
+    if not cpu.native_bf16:
+        return "fp32", "fp32 because bf16 would be emulated (slow) on this CPU"
+    return "fp32", f"fp32 because {engine} has no bf16 path on CPU"
+
+
 def resolve_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
     """Pick device and precision from what is present; explicit requests are honoured or refused clearly."""
     if precision not in PRECISIONS:
@@ -204,13 +214,8 @@ def resolve_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
             reason = "asked for"
         return Runtime(device, precision, reason, threads, cpu, gpu_name)
     if precision == "auto":
-        if cpu.native_bf16:
-            precision, reason = "bf16", "the CPU has native bf16, so bf16 autocast + channels_last"
-        else:
-            precision, reason = (
-                "fp32",
-                "the CPU has no native bf16 (it would be emulated), so fp32 + channels_last",
-            )
+        precision, reason = cpu_precision(cpu)
+        reason += "; channels_last layout"
     elif precision == "fp16":
         raise ConfigError("fp16 is for CUDA; on CPU use --precision bf16 or fp32")
     else:
