@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -44,21 +45,30 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("RESFIT_CACHE", str(tmp_path_factory.mktemp("resfit-cache")))
 
 
-def kill_after_epoch(process: subprocess.Popen, run_dir: Path, with_children: bool = False) -> None:
+def kill_after_epoch(
+    process: subprocess.Popen | list[subprocess.Popen], run_dir: Path, with_children: bool = False
+) -> None:
     """SIGKILL a training run as soon as its resume state records epoch 1, then wait for it to exit.
 
-    ``with_children`` also kills every descendant (torchrun's workers are not in its process group), as a
-    crash of the machine would.
+    ``process`` may be several (the torchrun agents of a multi-node run): all are killed at the same
+    moment, as a crash of the cluster would, and if one ends first the others are killed then, so a run
+    that failed does not leave its peers waiting on it. ``with_children`` also kills every descendant
+    (torchrun's workers are not in its process group), as a crash of the machine would.
     """
+    processes = process if isinstance(process, list) else [process]
     state_file = run_dir / "resume" / "state.json"
     deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
+    while time.time() < deadline and all(p.poll() is None for p in processes):
         if state_file.exists() and json.loads(state_file.read_text())["epoch"] >= 1:
-            for pid in [*(_descendants(process.pid) if with_children else []), process.pid]:
-                os.kill(pid, signal.SIGKILL)
             break
         time.sleep(0.02)
-    process.wait()
+    running = [p for p in processes if p.poll() is None]
+    pids = [pid for p in running for pid in (_descendants(p.pid) if with_children else [])]
+    for pid in [*pids, *(p.pid for p in running)]:
+        with contextlib.suppress(ProcessLookupError):  # a worker that exited since the listing
+            os.kill(pid, signal.SIGKILL)
+    for p in processes:
+        p.wait()
 
 
 def _descendants(pid: int) -> list[int]:

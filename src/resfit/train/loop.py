@@ -237,8 +237,11 @@ class Trainer:
         self.say(f"device: {self.runtime.describe()}")
         if self.dist.enabled:
             self.say(f"distributed: {self.dist.world_size} processes ({self.dist.backend})")
-        # Rank 0 scans first and fills the scan cache; the others then read it.
-        if not self.dist.is_main:
+        # The first process of each node (LOCAL_RANK 0) scans first and fills that node's scan cache
+        # ($RESFIT_CACHE is per machine); the node's other processes then read it. Global rank 0 alone
+        # would leave the other nodes' processes all scanning at once into their own cache.
+        first_on_node = self.dist.local_rank == 0
+        if not first_on_node:
             barrier(self.dist)
         self.source, self.report = load_dataset(
             config.data,
@@ -247,7 +250,7 @@ class Trainer:
             progress=not config.quiet,
             exclude_from=config.exclude_from,
         )
-        if self.dist.is_main:
+        if first_on_node:
             barrier(self.dist)
         self.say(self.report.summary_line())
         for note in self.source.notes:
@@ -323,14 +326,15 @@ class Trainer:
             f"model: {config.model}, {len(self.source.class_names)} classes, {config.img_size} px, batch {config.batch_size}, "
             f"{config.optimizer} lr {config.lr if config.lr == 'auto' else format(config.lr, 'g')} (layer decay {config.layer_decay}), {config.epochs} fine-tuning epochs"
         )
-        # Under DDP rank 0 builds the decoded images first and the others then map the same files, so
-        # every process (and a single-process run) trains on the same pixels.
-        if not self.dist.is_main:
+        # Under DDP the first process of each node builds the decoded images into that node's cache and
+        # the node's others then map the same files; decoding is deterministic, so every process (and a
+        # single-process run) trains on the same pixels.
+        if not first_on_node:
             barrier(self.dist)
         self.decoded = decoded_caches(
             self.source, self.preprocessing, config.decoded_cache, say=self.say, progress=not config.quiet
         )
-        if self.dist.is_main:
+        if first_on_node:
             barrier(self.dist)
 
     def _seed(self) -> None:
