@@ -26,7 +26,8 @@ def _train_parser(sub) -> None:
     p.add_argument(
         "data",
         nargs="?",
-        help="dataset: ImageFolder tree, flat class folders, CSV manifest or CIFAR-10 archive",
+        help="dataset: ImageFolder tree, flat class folders, CSV manifest, CIFAR-10 archive or a folder of "
+        "shards (resfit shard)",
     )
     p.add_argument(
         "--resume", metavar="RUN_DIR", help="continue an interrupted run from its last completed epoch"
@@ -565,6 +566,24 @@ def _run_predict(args) -> int:
     return EXIT_SOME_FAILED if failed else 0
 
 
+def _run_shard(args) -> int:
+    from .data.shard_writer import write_shards
+
+    summary = write_shards(
+        args.data,
+        args.out,
+        shard_mb=args.shard_size,
+        shard_samples=args.shard_samples,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        exclude_from=args.exclude_from,
+        progress=True,
+    )
+    for line in summary.lines():
+        print(line)
+    return 0
+
+
 def _run_scan(args) -> int:
     from .data.scan import load_dataset
 
@@ -664,6 +683,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", metavar="FILE", help="also write the report (data_report.json) to FILE")
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser(
+        "shard",
+        help="write a dataset as WebDataset tar shards (scanned, unreadable files left out) for `resfit train DIR`",
+    )
+    p.add_argument("data")
+    p.add_argument("--out", required=True, metavar="DIR", help="an empty folder outside the dataset")
+    p.add_argument("--shard-size", type=float, default=256.0, metavar="MB", help="cut a shard at this size")
+    p.add_argument("--shard-samples", type=int, metavar="N", help="also cut a shard at N images")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="held out where the data has no val split")
+    p.add_argument("--seed", type=int, default=0, help="the seed of that held-out split")
+    _add_exclude_flag(p)
     return parser
 
 
@@ -673,6 +704,7 @@ COMMANDS = {
     "evaluate": _run_evaluate,
     "predict": _run_predict,
     "scan": _run_scan,
+    "shard": _run_shard,
     "export": _run_export,
     "serve": _run_serve,
     "ensemble": _run_ensemble,

@@ -217,6 +217,8 @@ def decoded_caches(
 def _why_not(source: DatasetSource, preprocessing: Preprocessing, mode: str) -> str | None:
     if mode == "off":
         return "--decoded-cache off"
+    if source.layout == "shards":
+        return "sharded data is streamed, not cached"
     if mode == "on":
         return None
     if source.layout == "cifar10":

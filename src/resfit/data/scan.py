@@ -115,14 +115,20 @@ def scan_source(
     progress: bool = False,
 ) -> tuple[DatasetSource, DataReport]:
     """A new DatasetSource holding only usable files, and the report of what was dropped or converted."""
+    skipped: list[dict] = []
+    converted: list[dict] = []
     if source.layout == "cifar10":  # arrays, not files: every item is a valid 32x32 RGB image
         checks: dict[str, ImageCheck] = {}
         scan_notes: list[str] = []
+    elif (
+        source.layout == "shards"
+    ):  # scanned when written: only accepted files are in them, verdicts in the index
+        checks, scan_notes = {}, []
+        skipped, converted = source.arrow.skipped, source.arrow.converted
     else:
         checks, scan_notes = _check_files(source, max_pixels, cache_dir, progress)
 
     splits: dict[str, Split] = {}
-    skipped: list[dict] = []
     for split_name, split in source.splits.items():
         usable = []
         for index, item in enumerate(split.items):
@@ -132,7 +138,9 @@ def scan_source(
             else:
                 skipped.append({"path": item, "reason": check.reason, "split": split_name})
         splits[split_name] = split.subset(usable)
-    converted = [{"path": item, "note": "; ".join(c.notes)} for item, c in checks.items() if c.ok and c.notes]
+    converted += [
+        {"path": item, "note": "; ".join(c.notes)} for item, c in checks.items() if c.ok and c.notes
+    ]
     class_counts = {name: _class_counts(split, source.class_names) for name, split in splits.items()}
     _require_usable(source, splits, class_counts, skipped)
 

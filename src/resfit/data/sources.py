@@ -1,6 +1,7 @@
 """Find a dataset's classes and its train/val(/test) splits from whatever the user pointed at.
 
-Six layouts are understood, tried in this order: the CIFAR-10 python archive, a Hugging Face
+Seven layouts are understood, tried in this order: a folder of tar shards written by `resfit shard`
+(read in shards.py), the CIFAR-10 python archive, a Hugging Face
 `datasets` dataset saved with save_to_disk, parquet files with an image and a label column (both
 read in hf.py), a CSV manifest (path,label[,split]), an ImageFolder tree (train/<class>/,
 val/<class>/, optional test/), and a flat tree (<class>/ only). Discovery only lists files; decoding and validation happen once, in
@@ -28,6 +29,7 @@ from resfit.errors import ConfigError, DataError
 
 CIFAR_PREFIX = "cifar10:"
 VAL_FOLDER_NAMES = ("val", "valid", "validation")
+SHARD_INDEX = "shards.json"  # shards.INDEX_FILE
 SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
 
@@ -47,13 +49,14 @@ class DatasetSource:
     """Where the images are, what the classes are called, and which items belong to which split."""
 
     root: Path
-    layout: str  # "imagefolder" | "flat" | "csv" | "cifar10" | "hf-disk" | "parquet"
+    layout: str  # "imagefolder" | "flat" | "csv" | "cifar10" | "hf-disk" | "parquet" | "shards"
     class_names: list[str]
     splits: dict[str, Split]
     notes: list[str]
     max_pixels: int = DEFAULT_MAX_PIXELS  # the limit the scan accepted these files under
     cifar: CifarArrays | None = field(default=None, repr=False, compare=False)
-    arrow: ArrowImages | None = field(default=None, repr=False, compare=False)  # hf-disk, parquet rows
+    # Encoded images read by item key: hf-disk and parquet rows (ArrowImages), tar shards (shards.ShardImages).
+    arrow: ArrowImages | None = field(default=None, repr=False, compare=False)
 
     def read(self, item: str) -> tuple[Image.Image, list[str]]:
         """RGB image and conversion notes for one item of any split."""
@@ -80,6 +83,10 @@ def discover(data: str | os.PathLike, *, val_fraction: float = 0.2, seed: int = 
     root = Path(os.path.abspath(os.path.expanduser(os.fspath(data))))
     if not root.exists():
         raise DataError(f"dataset not found: {root}")
+    if (root / SHARD_INDEX).is_file():
+        from resfit.data.shards import discover_shards  # shards.py builds on this module's classes
+
+        return discover_shards(root)
     if is_cifar10(root):
         return _discover_cifar(root, val_fraction, seed)
     if is_saved_dataset(root) or parquet_files(root):

@@ -28,6 +28,8 @@ from ..data.decoded_cache import decoded_caches
 from ..data.duplicates import hash_duplicates, warning_line
 from ..data.feature_cache import FeatureCache, content_fingerprint, feature_key, weights_fingerprint
 from ..data.scan import load_dataset
+from ..data.shard_stream import SHUFFLE_BUFFER, ShardEpoch, StreamedShards
+from ..data.shards import train_shards
 from ..data.transforms import Preprocessing
 from ..distributed import (
     DistContext,
@@ -256,7 +258,8 @@ class Trainer:
         for note in self.source.notes:
             self.say(f"note: {note}")
         # The model-free audit (hashes, cached like the scan): leakage and label conflicts in one line.
-        if self.dist.is_main and self.source.layout != "cifar10":
+        self.sharded = self.source.layout == "shards"
+        if self.dist.is_main and self.source.layout not in ("cifar10", "shards"):
             warning = warning_line(hash_duplicates(self.source), config.data)
             if warning:
                 self.say(warning)
@@ -272,6 +275,8 @@ class Trainer:
                 self.say(f"{unequal}: --balance {config.balance} (auto; --balance none to turn it off)")
         elif ratio >= IMBALANCE_WARNING_RATIO and config.balance == "none":
             self.say(f"warning: {unequal}; consider --balance sampler or --balance loss")
+        if self.sharded:
+            self._shard_notes()
         self.pretrained = load_pretrained(config.model, config.weights)
         self.say(f"weights: {self.pretrained.description}")
         # Resolve every "chosen for you" value once and store it, so a resumed run uses the same ones.
@@ -336,6 +341,20 @@ class Trainer:
         )
         if first_on_node:
             barrier(self.dist)
+
+    def _shard_notes(self) -> None:
+        """Say what streaming from shards changes, rather than diverge silently (and store the choice)."""
+        count = len(train_shards(self.source))
+        self.say(
+            f"note: sharded data: each process streams its own train shards ({count} in all), shuffled in a "
+            f"{SHUFFLE_BUFFER}-sample buffer seeded by seed and epoch; each DataLoader worker drops its last "
+            "partial batch; no duplicate check and no decoded-image cache (they need every image by position)"
+        )
+        if self.config.balance == "sampler":
+            self.say(
+                "note: --balance sampler draws images by position, which a stream cannot: using --balance loss"
+            )
+            self.config.balance = "loss"
 
     def _seed(self) -> None:
         seed = self.config.seed
@@ -442,7 +461,16 @@ class Trainer:
         plan = []
         for epoch, size in enumerate(sizes, start=1):
             batch = batch_for_size(config.batch_size, config.img_size, size, self.dist.world_size)
-            sampler = GlobalBatchSampler(train_size, batch, self.dist, config.seed, epoch, weights)
+            if self.sharded:  # a stream per process: batch is the per-process share of the global batch
+                if batch % self.dist.world_size:
+                    raise ConfigError(
+                        f"batch size {batch} must be divisible by the {self.dist.world_size} processes"
+                    )
+                per_process = batch // self.dist.world_size
+                shards = train_shards(self.source)
+                sampler = ShardEpoch(shards, per_process, self.dist, config.seed, epoch, config.num_workers)
+            else:
+                sampler = GlobalBatchSampler(train_size, batch, self.dist, config.seed, epoch, weights)
             plan.append({"size": size, "batch": batch, "sampler": sampler})
         return plan
 
@@ -452,12 +480,15 @@ class Trainer:
         config, runtime = self.config, self.runtime
         sampler = plan[epoch - 1]["sampler"]
         global_sizes = sampler.global_batch_sizes()
-        loader = torch.utils.data.DataLoader(
-            train_set,
-            batch_sampler=sampler,
-            num_workers=config.num_workers,
-            pin_memory=pin_memory(runtime),
-        )
+        if self.sharded:
+            loader = sampler.loader(train_set, pin_memory(runtime))
+        else:
+            loader = torch.utils.data.DataLoader(
+                train_set,
+                batch_sampler=sampler,
+                num_workers=config.num_workers,
+                pin_memory=pin_memory(runtime),
+            )
         # One warm-up + cosine schedule over every step of every epoch (epochs may differ in batch size).
         steps_before = sum(len(p["sampler"]) for p in plan[: epoch - 1])
         total, warmup = (
@@ -641,12 +672,11 @@ class Trainer:
 
     def fine_tune(self, optimizer, start: int, progress: dict, record, plan: list[dict]) -> None:
         config = self.config
-        train_set = ImageDataset(
-            self.source,
-            "train",
-            self.preprocessing.train_transform(config.augment, config.min_crop_scale),
-            decoded=self.decoded.get("train"),
-        )
+        train_transform = self.preprocessing.train_transform(config.augment, config.min_crop_scale)
+        if self.sharded:
+            train_set = StreamedShards(train_transform, self.source.max_pixels)
+        else:
+            train_set = ImageDataset(self.source, "train", train_transform, decoded=self.decoded.get("train"))
         class_weights = None
         if config.balance == "loss":
             labels = self.source.splits["train"].labels
