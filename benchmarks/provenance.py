@@ -22,6 +22,12 @@ def _git(*args: str) -> str:
     return done.stdout.strip()
 
 
+# The commit the benchmark's code came from: read when the benchmark imports this module (at its start),
+# not when it writes its results (commits may land in between).
+COMMIT_AT_START = _git("rev-parse", "HEAD")
+SRC_UNCOMMITTED_AT_START = _git("status", "--porcelain", "--", "src").splitlines()
+
+
 def stamp() -> str:
     """A UTC time stamp for file names: 20261202T031500Z."""
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -33,8 +39,9 @@ def record() -> dict:
 
     return {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "commit": _git("rev-parse", "HEAD"),
-        "src_uncommitted": _git("status", "--porcelain", "--", "src").splitlines(),
+        "commit": COMMIT_AT_START,
+        "src_uncommitted": SRC_UNCOMMITTED_AT_START,
+        "commit_at_end": _git("rev-parse", "HEAD"),
         "cpu": detect_cpu().describe(),
         "host": platform.node(),
         "platform": platform.platform(),
