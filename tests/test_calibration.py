@@ -11,7 +11,12 @@ import pytest
 from fastapi.testclient import TestClient
 from test_export import train_tiny_run
 
-from resfit.calibration import calibration_scores, fit_temperature, why_not_calibrated
+from resfit.calibration import (
+    calibration_scores,
+    fit_temperature,
+    why_not_calibrated,
+    why_temperature_does_not_transfer,
+)
 from resfit.evaluate import softmax
 from resfit.predict import Classifier, InferenceConfig
 from resfit.runfolder import MODEL_META
@@ -89,3 +94,15 @@ def test_an_ensemble_of_calibrated_runs_loads_back(scaled_run, tmp_path):
     build_ensemble([scaled_run, second], tmp_path / "ensemble", None, "equal", say=lambda _: None)
     classifier = Classifier.load(tmp_path / "ensemble", config=InferenceConfig(backend="torch"))
     assert classifier.meta["architecture"] == "ensemble"
+
+
+def test_a_temperature_is_kept_only_where_it_helps_photos_it_never_saw():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 400)
+    clean = rng.normal(size=(400, 3))
+    clean[np.arange(400), labels] += 2.0
+    # overconfident by 3x everywhere: a T fitted on either half helps the other half
+    assert why_temperature_does_not_transfer(clean * 3, labels) is None
+    # calibrated already, and few photos: a fitted T is noise and the check refuses it at least sometimes
+    refused = [why_temperature_does_not_transfer(clean[:40], labels[:40], seed) for seed in range(10)]
+    assert any(r is not None and "raised the other half's NLL" in r for r in refused)
