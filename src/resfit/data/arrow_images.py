@@ -8,15 +8,12 @@ with a reason, never a traceback. Nothing is written anywhere near the dataset.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
 from ..errors import ImageReadError
-from .images import ImageCheck, check_image, open_rgb
+from .images import EncodedImages
 
 ITEM_SEPARATOR = "::"
 
@@ -26,7 +23,7 @@ def row_item(root: Path, table: str, row: int) -> str:
     return f"{root}{ITEM_SEPARATOR}{table}{ITEM_SEPARATOR}{row}"
 
 
-class ArrowImages:
+class ArrowImages(EncodedImages):
     """The image column of each table (split) of one dataset, and the way from an item key to its pixels.
 
     ``tables`` maps a table name to anything with pyarrow's ``column(name)``: the memory-mapped tables
@@ -52,20 +49,6 @@ class ArrowImages:
         if isinstance(path, str) and path:
             return self._file_bytes(item, path)
         raise ImageReadError(item, "no image in this row (empty bytes and no path)")
-
-    def read(self, item: str, max_pixels: int) -> tuple[Image.Image, list[str]]:
-        return open_rgb(self.encoded(item), max_pixels, label=item)
-
-    def check(self, item: str, max_pixels: int) -> ImageCheck:
-        try:
-            data = self.encoded(item)
-        except ImageReadError as error:
-            return ImageCheck(ok=False, reason=error.reason, notes=())
-        return check_image(data, max_pixels, label=item)
-
-    def digest(self, item: str) -> str:
-        """blake2b of the row's encoded image: what a cached verdict about it must still match."""
-        return hashlib.blake2b(self.encoded(item), digest_size=20).hexdigest()
 
     def _locate(self, item: str) -> tuple[str, int]:
         parts = item.rsplit(ITEM_SEPARATOR, 2)

@@ -9,6 +9,7 @@ No Pillow globals are touched: the decompression-bomb guard here is our own ``ma
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import re
@@ -105,6 +106,29 @@ def check_image(
         width, height = error.size if isinstance(error, _SizedImageReadError) else (None, None)
         return ImageCheck(ok=False, reason=error.reason, notes=(), width=width, height=height)
     return ImageCheck(ok=True, reason=None, notes=tuple(notes), width=width, height=height)
+
+
+class EncodedImages:
+    """Images stored as encoded bytes inside something else (arrow tables, tar shards): a subclass says how
+    to find an item's bytes (``encoded``); reading, checking and fingerprinting go through the same Pillow
+    boundary as a file."""
+
+    def encoded(self, item: str) -> bytes:
+        raise NotImplementedError
+
+    def read(self, item: str, max_pixels: int) -> tuple[Image.Image, list[str]]:
+        return open_rgb(self.encoded(item), max_pixels, label=item)
+
+    def check(self, item: str, max_pixels: int) -> ImageCheck:
+        try:
+            data = self.encoded(item)
+        except ImageReadError as error:
+            return ImageCheck(ok=False, reason=error.reason, notes=())
+        return check_image(data, max_pixels, label=item)
+
+    def digest(self, item: str) -> str:
+        """blake2b of the item's encoded image: what a cached verdict about it must still match."""
+        return hashlib.blake2b(self.encoded(item), digest_size=20).hexdigest()
 
 
 class _SizedImageReadError(ImageReadError):

@@ -13,15 +13,12 @@ split in the index's order and every position-keyed part of resfit works unchang
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 
-from PIL import Image
-
 from ..errors import DataError, ImageReadError
-from .images import ImageCheck, check_image, open_rgb
+from .images import EncodedImages
 from .sources import SHARD_INDEX, DatasetSource, Split
 
 INDEX_FILE = SHARD_INDEX
@@ -66,7 +63,7 @@ def read_index(root: Path) -> dict:
     return index
 
 
-class ShardImages:
+class ShardImages(EncodedImages):
     """Reads one sample's encoded bytes by its byte offset inside its tar: random access for the passes
     that go through a split by position. Items are ``<tar path>::<key>::<original path>``."""
 
@@ -98,19 +95,6 @@ class ShardImages:
         if len(data) != size:
             raise ImageReadError(item, f"shard {tar} is shorter than its index says (truncated?)")
         return data
-
-    def read(self, item: str, max_pixels: int) -> tuple[Image.Image, list[str]]:
-        return open_rgb(self.encoded(item), max_pixels, label=item)
-
-    def check(self, item: str, max_pixels: int) -> ImageCheck:
-        try:
-            data = self.encoded(item)
-        except ImageReadError as error:
-            return ImageCheck(ok=False, reason=error.reason, notes=())
-        return check_image(data, max_pixels, label=item)
-
-    def digest(self, item: str) -> str:
-        return hashlib.blake2b(self.encoded(item), digest_size=20).hexdigest()
 
 
 def discover_shards(root: Path) -> DatasetSource:
