@@ -731,42 +731,41 @@ class Trainer:
         The knn score also needs the validation photos' features and a bank of training features; a run with
         TTA falls back to msp (its views have no one feature vector) and says so.
         """
-        model, meta = load_model(self.run_dir, calibrated=False)
-        model.to(self.runtime.device, memory_format=torch.channels_last)
-        dataset = ImageDataset(
-            self.source, "val", Preprocessing.from_dict(meta["preprocessing"]).eval_transform()
-        )
-        raw, labels = predict_logits(model, eval_loader(dataset, self.config.num_workers), self.runtime)
-        fit = calibrate_run(self.run_dir, raw, labels, self.say)
         target, score = self.config.reject_target, self.config.reject_score
-        features = bank = None
-        if score in FEATURE_SCORES and parse_reject_target(target) and not why_no_rule(labels):
-            if meta.get("tta", "none") != "none":
-                self.say(f"unknown answers: {score} needs the features of one view, not TTA's; using msp")
-                score = "msp"
-            else:
-                features, bank = self.rejection_features()
+        tta = read_meta(self.run_dir).get("tta", "none") != "none"
+        val_labels = self.source.splits["val"].labels
+        wants_features = (
+            score in FEATURE_SCORES and parse_reject_target(target) and not why_no_rule(val_labels)
+        )
+        if wants_features and tta:
+            self.say(f"unknown answers: {score} needs the features of one view, not TTA's; using msp")
+            score, wants_features = "msp", False
+        # One pass over val: the uncalibrated logits, and the features after them where the rule needs them.
+        model, meta = load_model(self.run_dir, calibrated=False, features=wants_features)
+        model.to(self.runtime.device, memory_format=torch.channels_last)
+        transform = Preprocessing.from_dict(meta["preprocessing"]).eval_transform()
+        output, labels = predict_logits(
+            model,
+            eval_loader(ImageDataset(self.source, "val", transform), self.config.num_workers),
+            self.runtime,
+        )
+        raw, features = split_output(output, len(self.source.class_names))
+        fit = calibrate_run(self.run_dir, raw, labels, self.say)
+        bank = self.feature_bank(model, transform) if wants_features else None
         logits = raw / fit["temperature"]
         return fit, choose_and_store_rule(
             self.run_dir, logits, labels, target, score, self.say, features, bank
         )
 
-    def rejection_features(self) -> tuple[np.ndarray, np.ndarray]:
-        """(validation features, bank of training features): the kept model's normalised pooled features,
-        through the evaluation transform; the bank holds at most MAX_BANK_IMAGES training photos."""
-        model, meta = load_model(self.run_dir, features=True)
-        model.to(self.runtime.device, memory_format=torch.channels_last)
-        transform = Preprocessing.from_dict(meta["preprocessing"]).eval_transform()
-        classes = len(self.source.class_names)
-        found = []
-        for split in ("val", "train"):
-            dataset = ImageDataset(self.source, split, transform)
-            if split == "train" and len(dataset) > MAX_BANK_IMAGES:
-                keep = np.random.default_rng(self.config.seed).permutation(len(dataset))[:MAX_BANK_IMAGES]
-                dataset = torch.utils.data.Subset(dataset, sorted(keep.tolist()))
-            output, _ = predict_logits(model, eval_loader(dataset, self.config.num_workers), self.runtime)
-            found.append(split_output(output, classes)[1])
-        return found[0], found[1]
+    def feature_bank(self, model: nn.Module, transform) -> np.ndarray:
+        """The knn rule's bank: the kept model's normalised pooled features of at most MAX_BANK_IMAGES
+        training photos (a seeded sample), through the evaluation transform."""
+        dataset = ImageDataset(self.source, "train", transform)
+        if len(dataset) > MAX_BANK_IMAGES:
+            keep = np.random.default_rng(self.config.seed).permutation(len(dataset))[:MAX_BANK_IMAGES]
+            dataset = torch.utils.data.Subset(dataset, sorted(keep.tolist()))
+        output, _ = predict_logits(model, eval_loader(dataset, self.config.num_workers), self.runtime)
+        return split_output(output, len(self.source.class_names))[1]
 
     def finish(self, history: list[dict], progress: dict) -> RunResult:
         """Calibrate the kept (best) model, evaluate it exactly as `resfit evaluate` would, write the reports."""
