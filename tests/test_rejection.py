@@ -188,3 +188,20 @@ def test_an_ensemble_is_calibrated_as_the_model_it_is_and_answers_unknown_by_msp
     assert meta["reject"]["score"] == "msp" and 0.9 <= meta["reject"]["coverage"] <= 1.0
     fit = json.loads((tmp_path / "ensemble" / "metrics.json").read_text())["temperature_scaling"]
     assert fit["after"]["nll"] < fit["before"]["nll"] - 0.05
+
+
+@pytest.mark.parametrize("bank", [np.zeros((0, 8)), np.zeros(8), np.full((3, 8), np.nan)])
+def test_a_damaged_feature_bank_is_a_run_folder_error(tmp_path, bank):
+    from safetensors.numpy import save_file
+
+    from resfit.errors import RunFolderError
+    from resfit.rejection import load_bank
+
+    save_file({"features": bank.astype(np.float16)}, str(tmp_path / BANK_FILE))
+    with pytest.raises(RunFolderError, match="non-empty, finite"):
+        load_bank(tmp_path)
+    (tmp_path / BANK_FILE).write_bytes(b"\x00" * 7)  # truncated
+    with pytest.raises(RunFolderError, match="unreadable"):
+        load_bank(tmp_path)
+    with pytest.raises(RunFolderError, match="from another model"):
+        confidence_scores(np.zeros((1, 2)), "knn", np.ones((1, 4)), np.ones((3, 8)))

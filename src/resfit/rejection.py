@@ -50,6 +50,13 @@ def confidence_scores(
     if score == "knn":
         if features is None or bank is None or len(bank) == 0:
             raise ConfigError("the knn score needs the photos' features and the bank of training features")
+        if np.shape(features)[1] != np.shape(bank)[1]:
+            from .errors import RunFolderError
+
+            raise RunFolderError(
+                f"{BANK_FILE} holds {np.shape(bank)[1]}-wide features but the model gives "
+                f"{np.shape(features)[1]}: the bank is from another model"
+            )
         query = torch.from_numpy(np.asarray(features, dtype=np.float32))
         distances = torch.cdist(query, torch.from_numpy(np.asarray(bank, dtype=np.float32)))
         kth = min(k, distances.shape[1])
@@ -115,9 +122,12 @@ def load_bank(run_dir: Path) -> np.ndarray:
 
     path = Path(run_dir) / BANK_FILE
     try:
-        return load_file(str(path))["features"].astype(np.float32)
+        bank = load_file(str(path))["features"].astype(np.float32)
     except (SafetensorError, OSError, KeyError, ValueError) as error:
         raise RunFolderError(f'{path}: the "unknown" rule\'s feature bank is unreadable ({error})') from None
+    if bank.ndim != 2 or len(bank) == 0 or not np.isfinite(bank).all():
+        raise RunFolderError(f"{path}: the feature bank must be a non-empty, finite (images, features) array")
+    return bank
 
 
 def parse_target(text: str) -> tuple[str, float] | None:
