@@ -107,6 +107,12 @@ RECIPES = {
     "resfit-probe-160px": Recipe("resfit", {"img_size": 160, "epochs": 0}, "the head stage alone at 160 px"),
     "resfit-lr3e-4": Recipe("resfit", {"lr": 3e-4}, "the default with a 3x smaller fine-tuning lr"),
     "resfit-12ep": Recipe("resfit", {"epochs": 12}, "the default with twice the fine-tuning epochs"),
+    "resfit-wise": Recipe(
+        "resfit", {"wise_ft": 0.5}, "WiSE-FT: the midpoint of the head stage and the last epoch"
+    ),
+    "resfit-160px-wise": Recipe(
+        "resfit", {"img_size": 160, "wise_ft": 0.5}, "WiSE-FT's midpoint, trained and tested at 160 px"
+    ),
 }
 REFERENCE = "resfit"  # paired differences are every other recipe against this one (and probe vs probe)
 EXTRA_PAIRS = [("resfit-probe", "sklearn-probe")]
@@ -246,6 +252,9 @@ def summarize(rows: list[dict]) -> dict:
                 "wall_s_total": float(np.sum([r["wall_s"] for r in ordered])),
                 "cpu_s_mean": float(np.mean([r.get("cpu_s", np.nan) for r in ordered])),
             }
+            calibration = _test_calibration(ordered)
+            if calibration:
+                entry["recipes"][name]["test_calibration"] = calibration
         pairs = [(REFERENCE, other) for other in recipes if other != REFERENCE] + EXTRA_PAIRS
         for a, b in pairs:
             if a not in by_recipe or b not in by_recipe:
@@ -273,6 +282,27 @@ def summarize(rows: list[dict]) -> dict:
             entry["pairs"].append(pair)
         summary[dataset] = entry
     return summary
+
+
+def _test_calibration(runs: list[dict]) -> dict | None:
+    """The fitted temperature's effect on each fold's test photos: NLL and ECE before/after, and in how many
+    fold runs each went down or up (a T of exactly 1 changes nothing, and is counted as such)."""
+    if not runs or not all("test_calibration" in r for r in runs):
+        return None
+    found = {
+        "fold_runs": len(runs),
+        "temperature_kept": sum(r["test_calibration"]["temperature"] != 1.0 for r in runs),
+    }
+    for score in ("nll", "ece"):
+        before = np.array([r["test_calibration"]["before"][score] for r in runs])
+        after = np.array([r["test_calibration"]["after"][score] for r in runs])
+        found[score] = {
+            "before_mean": float(before.mean()),
+            "after_mean": float(after.mean()),
+            "lower": int((after < before - 1e-9).sum()),
+            "higher": int((after > before + 1e-9).sum()),
+        }
+    return found
 
 
 def _ratio(runs_a: list[dict], runs_b: list[dict], key: str) -> float | None:
@@ -337,6 +367,23 @@ def markdown_tables(summary: dict) -> str:
                 f"| {name} | {stats['fold_runs']} | {_fmt_interval(stats['accuracy'])} | {plain_text} | "
                 f"{stats['pooled_accuracy'] * 100:.1f} | {stats['wall_s_mean']:.0f} ({stats['wall_s_median']:.0f}) | {stats['cpu_s_mean']:.0f} | {per_min:.1f} |"
             )
+        calibrated = {
+            n: st["test_calibration"] for n, st in entry["recipes"].items() if "test_calibration" in st
+        }
+        if calibrated:
+            lines += [
+                "",
+                "| calibration on test folds | T kept (runs) | NLL before -> after | runs lower / higher "
+                "| ECE before -> after | runs lower / higher |",
+                "|---|---|---|---|---|---|",
+            ]
+            for name, cal in calibrated.items():
+                nll, ece = cal["nll"], cal["ece"]
+                lines.append(
+                    f"| {name} | {cal['temperature_kept']} of {cal['fold_runs']} "
+                    f"| {nll['before_mean']:.4f} -> {nll['after_mean']:.4f} | {nll['lower']} / {nll['higher']} "
+                    f"| {ece['before_mean']:.4f} -> {ece['after_mean']:.4f} | {ece['lower']} / {ece['higher']} |"
+                )
         lines += [
             "",
             "| paired difference (a - b) | fold runs | points (95% CI, corrected t) | plain paired t CI "
@@ -416,6 +463,7 @@ def run_resfit(fold: Fold, settings: Settings, overrides: dict, name: str) -> di
     import torch
 
     import resfit
+    from resfit.calibration import calibration_scores
     from resfit.data.transforms import Preprocessing
     from resfit.evaluate import evaluate_split
     from resfit.hardware import resolve_runtime
@@ -456,6 +504,17 @@ def run_resfit(fold: Fold, settings: Settings, overrides: dict, name: str) -> di
     )
     labels = np.asarray(fold.source.splits["test"].labels)
     correct = (probs.argmax(axis=1) == labels).astype(int)
+    # Calibration on photos the run never saw (issue #14): the same model without its temperature.
+    raw_model, _ = load_model(run_dir, calibrated=False)
+    raw_model.to(memory_format=torch.channels_last)
+    _, raw_probs = evaluate_split(
+        raw_model, fold.source, "test", Preprocessing.from_dict(meta["preprocessing"]), runtime
+    )
+    test_calibration = {
+        "temperature": float(meta.get("temperature", 1.0)),
+        "before": calibration_scores(raw_probs, labels),
+        "after": calibration_scores(probs, labels),
+    }
     if abs(correct.mean() - test_metrics["accuracy"]) > 1e-4 or len(correct) != test_metrics["num_images"]:
         raise RuntimeError(
             f"{run_dir}: re-evaluated test accuracy {correct.mean()} != metrics_test.json {test_metrics['accuracy']}"
@@ -484,6 +543,7 @@ def run_resfit(fold: Fold, settings: Settings, overrides: dict, name: str) -> di
             "precision": meta.get("precision", runtime.precision),
         },
         "correct": correct.tolist(),
+        "test_calibration": test_calibration,
     }
 
 

@@ -118,3 +118,32 @@ def test_frozen_blocks_keep_the_source_weights_and_statistics(unordered_classes,
     for block in ("conv1.", "bn1.", "bn1.running_mean", "layer1."):
         assert unchanged(block) == (frozen_blocks == 2), block
     assert not unchanged("layer2.0.conv1.") and not unchanged("layer2.0.bn1.running_mean")
+
+
+def test_wise_ft_keeps_the_midpoint_of_the_head_stage_and_the_last_epoch(unordered_classes, tmp_path):
+    """--wise-ft 0.5: model.safetensors is exactly halfway between the head stage's weights and the last
+    epoch's (not the best epoch on val), history.csv says so, and the run still evaluates and predicts."""
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    result = train(small_config(unordered_classes, run, epochs=2, wise_ft=0.5), say=lambda _: None)
+    start = load_file(run / "resume" / "start.safetensors")
+    last = load_file(run / "resume" / "epoch-2.safetensors")
+    kept = load_file(run / "model.safetensors")
+    floats = [k for k in kept if kept[k].is_floating_point()]
+    moved = [k for k in floats if not torch.equal(start[k], last[f"model.{k}"])]
+    assert len(moved) > 10  # fine-tuning changed the backbone, so the midpoint is a real third point
+    for key in floats:
+        torch.testing.assert_close(kept[key], (start[key] + last[f"model.{key}"]) / 2, rtol=0, atol=1e-6)
+    rows = list(csv.DictReader((run / "history.csv").open()))
+    assert [row["stage"] for row in rows] == ["head", "finetune", "finetune", "wise-ft"]
+    meta = json.loads((run / "model.json").read_text())
+    assert meta["best"]["wise_ft"] == 0.5 and result.best_epoch == 2
+    assert float(rows[-1]["val_acc"]) == pytest.approx(result.metrics["accuracy"], abs=1e-6)
+
+
+def test_wise_ft_share_is_checked():
+    from resfit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="wise-ft"):
+        TrainConfig(data="x", wise_ft=1.5).validate()

@@ -168,6 +168,14 @@ def _add_train_flags(p, weights_help: str) -> None:
     )
     p.add_argument("--warmup-epochs", type=float, default=defaults.warmup_epochs)
     p.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing)
+    p.add_argument(
+        "--wise-ft",
+        type=float,
+        default=defaults.wise_ft,
+        metavar="SHARE",
+        help="keep SHARE x the last fine-tuned weights + (1 - SHARE) x the head stage's (WiSE-FT); "
+        "1 keeps the best epoch on val",
+    )
     p.add_argument("--dropout", type=float, default=defaults.dropout, help="dropout before the final layer")
     p.add_argument(
         "--augment",

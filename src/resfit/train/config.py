@@ -63,6 +63,9 @@ class TrainConfig:
     train_sizes: list[int] | None = None
     ema: bool = False  # validate and keep an exponential moving average of the weights
     ema_decay: float | None = None  # None: a half-life of one epoch
+    # WiSE-FT: the kept weights are this share of the last fine-tuned ones plus the rest of the head
+    # stage's (1 = the fine-tuned weights alone; 0.5 = the midpoint); below 1 no epoch is picked on val
+    wise_ft: float = 1.0
     mixup: float = 0.0  # Beta alpha; 0 = off
     cutmix: float = 0.0  # Beta alpha; 0 = off
     # auto: class-balanced batches when the largest class has >= 3x the smallest's images, else none;
@@ -125,6 +128,7 @@ class TrainConfig:
             ),
             (0 < self.layer_decay <= 1, f"layer-decay must be in (0, 1], got {self.layer_decay}"),
             (0 <= self.label_smoothing < 1, f"label-smoothing must be in [0, 1), got {self.label_smoothing}"),
+            (0 <= self.wise_ft <= 1, f"wise-ft must be in [0, 1], got {self.wise_ft}"),
             (0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}"),
             (0 < self.val_fraction < 1, f"val-fraction must be in (0, 1), got {self.val_fraction}"),
             (0 < self.min_crop_scale <= 1, f"min-crop-scale must be in (0, 1], got {self.min_crop_scale}"),

@@ -89,9 +89,10 @@ from .recipe import (
     ema_decay_for,
     epoch_sizes,
     imbalance_ratio,
+    interpolate_weights,
     make_ema,
 )
-from .state import load_state, restore, save_state
+from .state import load_start_weights, load_state, restore, save_start_weights, save_state
 from .tracking import Tracking, open_tracking, require_tracker_packages
 
 TRAIN_CONFIG = "train_config.json"
@@ -615,6 +616,8 @@ class Trainer:
                 if improved:
                     best = {"best": {"epoch": row["epoch"], "val_accuracy": row["val_acc"]}}
                     write_model(self.run_dir, self.kept_model, self.meta | best)
+                if row["epoch"] == 0 and config.wise_ft < 1:
+                    save_start_weights(self.run_dir, self.kept_model)
                 save_state(self.run_dir, row["epoch"], self.model, optimizer, progress, self.ema, self.scaler)
                 write_history(self.run_dir, history)
                 self.tracking.log_epoch(row)
@@ -661,6 +664,8 @@ class Trainer:
         start = (state["epoch"] if state else 0) + 1
         if not progress["done"] and start <= config.epochs:
             self.fine_tune(optimizer, start, progress, record, plan)
+        if config.wise_ft < 1 and config.epochs and history[-1]["stage"] == "finetune":
+            self.keep_interpolation(progress, history)
         progress["done"] = True
         barrier(self.dist)
         result = self.finish(history, progress) if self.dist.is_main else None
@@ -723,6 +728,36 @@ class Trainer:
             )
             if progress["bad_epochs"] >= config.patience and epoch < config.epochs:
                 self.say(f"early stop: validation loss has not improved for {config.patience} epochs")
+
+    def keep_interpolation(self, progress: dict, history: list[dict]) -> None:
+        """--wise-ft: keep the point between the head stage and the last fine-tuned weights, whatever the
+        epochs scored on val (a choice made on a few dozen photos favours the epoch that fits them by luck)."""
+        t0, share, last = time.perf_counter(), self.config.wise_ft, history[-1]["epoch"]
+        model = self.kept_model
+        end = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        model.load_state_dict(interpolate_weights(load_start_weights(self.run_dir), end, share))
+        val_loss, val_acc = self.validate()
+        row = {
+            "epoch": last,
+            "stage": "wise-ft",
+            "lr": None,
+            "train_loss": None,
+            "train_acc": None,
+            "val_loss": val_loss,
+            "val_acc": val_acc,
+            "seconds": time.perf_counter() - t0,
+        }
+        row["elapsed"] = history[-1]["elapsed"] + row["seconds"]
+        history.append(row)
+        progress.update(best_val_acc=val_acc, best_epoch=last)
+        if self.dist.is_main:
+            best = {"best": {"epoch": last, "val_accuracy": val_acc, "wise_ft": share}}
+            write_model(self.run_dir, model, self.meta | best)
+            write_history(self.run_dir, history)
+        barrier(self.dist)
+        self.say(
+            epoch_line(row) + f"  kept: {share:g} x epoch {last} + {1 - share:g} x the head stage (--wise-ft)"
+        )
 
     def calibrate(self) -> tuple[dict, dict]:
         """Fit the kept model's temperature on the validation split, then its "unknown" rule; both go into

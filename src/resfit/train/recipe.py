@@ -99,6 +99,25 @@ def ema_decay_for(steps_per_epoch: int, decay: float | None) -> float:
     return 0.5 ** (1 / max(1, steps_per_epoch))
 
 
+def interpolate_weights(
+    start: dict[str, torch.Tensor], end: dict[str, torch.Tensor], share: float
+) -> dict[str, torch.Tensor]:
+    """WiSE-FT (Wortsman et al., 2022): ``share`` of the fine-tuned weights plus the rest of the start's.
+
+    Fine-tuning on a few hundred photos fits them at the cost of what the source knew; the point between the
+    head stage and the end of fine-tuning keeps some of both, with no extra training and no choice made on
+    the small validation split. Integer buffers (BatchNorm's batch counter) are the fine-tuned ones.
+    """
+    if not 0 <= share <= 1:
+        raise ConfigError(f"wise-ft must be in [0, 1], got {share}")
+    if start.keys() != end.keys():
+        raise ConfigError("wise-ft: the head-stage and fine-tuned weights have different tensors")
+    return {
+        name: torch.lerp(start[name].to(value), value, share) if value.is_floating_point() else value.clone()
+        for name, value in end.items()
+    }
+
+
 def make_ema(model: nn.Module, decay: float) -> AveragedModel:
     """An exponential moving average of the weights (and BatchNorm buffers), updated after every step."""
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)

@@ -20,6 +20,7 @@ from ..fileio import atomic_write, atomic_write_json
 
 RESUME_DIR = "resume"
 STATE_JSON = "state.json"
+START_WEIGHTS = "start.safetensors"  # the weights fine-tuning started from, for --wise-ft
 
 
 def rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
@@ -146,3 +147,16 @@ def restore(
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"], tensors)
+
+
+def save_start_weights(run_dir: Path, model: nn.Module) -> None:
+    """The weights after the head stage (where fine-tuning starts): --wise-ft's other end."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(Path(run_dir) / RESUME_DIR / START_WEIGHTS, lambda tmp: save_file(tensors, tmp))
+
+
+def load_start_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    path = Path(run_dir) / RESUME_DIR / START_WEIGHTS
+    if not path.is_file():
+        raise RunFolderError(f"{path} is missing: --wise-ft needs the weights fine-tuning started from")
+    return load_file(str(path))
