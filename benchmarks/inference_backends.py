@@ -37,13 +37,13 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(REPO / "src"))
 
-from resfit.backends import OnnxRuntimeBackend, OpenVinoBackend, TorchBackend  # noqa: E402
 from resfit.data.transforms import Preprocessing  # noqa: E402
 from resfit.errors import ResfitError  # noqa: E402
-from resfit.export import cached_export, cached_int8_export  # noqa: E402
 from resfit.hardware import detect_cpu  # noqa: E402
+from resfit.inference.classifier import Classifier, InferenceConfig  # noqa: E402
+from resfit.inference.engines import OnnxRuntimeBackend, OpenVinoBackend, TorchBackend  # noqa: E402
+from resfit.inference.export_cache import LoadedRun, cached_export, cached_int8_export  # noqa: E402
 from resfit.models import build_model  # noqa: E402
-from resfit.predict import Classifier, InferenceConfig  # noqa: E402
 from resfit.runfolder import build_model_meta, write_model  # noqa: E402
 
 
@@ -86,8 +86,9 @@ def configurations(run: Path, cache: Path, threads: int, with_bf16: bool) -> lis
     def torch_model():
         return Classifier.load(run, backend="torch", precision="fp32").model
 
-    onnx = cached_export(run, "onnx", cache)
-    ir = cached_export(run, "openvino", cache)
+    loaded = LoadedRun.read(run)
+    onnx = cached_export(loaded, "onnx", cache)
+    ir = cached_export(loaded, "openvino", cache)
     configs = [
         Config("torch eager fp32 (baseline)", lambda: eager_fp32(torch_model())),
         Config("torch channels_last fp32", lambda: TorchBackend(torch_model(), "fp32")),
@@ -106,7 +107,7 @@ def configurations(run: Path, cache: Path, threads: int, with_bf16: bool) -> lis
                 )
             )
     try:
-        int8_ir, summary = cached_int8_export(run, cache)
+        int8_ir, summary = cached_int8_export(loaded, cache)
         print(f"int8: {summary}", flush=True)
         configs.append(Config("openvino int8 LATENCY", lambda: OpenVinoBackend(int8_ir, threads, "int8")))
     except ResfitError as error:

@@ -36,9 +36,9 @@ def child(engine: str, run: Path, cache: Path, threads: int, batches: int) -> No
     import numpy as np
     import torch
 
-    from resfit.backends import OnnxRuntimeBackend, OpenVinoBackend
-    from resfit.export import cached_export
-    from resfit.predict import Classifier
+    from resfit.inference.classifier import Classifier
+    from resfit.inference.engines import OnnxRuntimeBackend, OpenVinoBackend
+    from resfit.inference.export_cache import LoadedRun, cached_export
 
     torch.set_num_threads(threads)
     classifier = Classifier.load(run, backend="torch", precision="fp32")
@@ -52,9 +52,11 @@ def child(engine: str, run: Path, cache: Path, threads: int, batches: int) -> No
                 return model(torch.from_numpy(x))
 
     elif engine == "onnxruntime-fp32":
-        call = OnnxRuntimeBackend(cached_export(run, "onnx", cache), threads)
+        call = OnnxRuntimeBackend(cached_export(LoadedRun.read(run), "onnx", cache), threads)
     else:
-        call = OpenVinoBackend(cached_export(run, "openvino", cache), threads, "fp32", "LATENCY")
+        call = OpenVinoBackend(
+            cached_export(LoadedRun.read(run), "openvino", cache), threads, "fp32", "LATENCY"
+        )
     call(batch)  # warm-up: kernels chosen, memory allocated
     times = []
     for _ in range(batches):
@@ -81,15 +83,16 @@ def main() -> None:
 
     from inference_backends import make_run
 
-    from resfit.export import cached_export
+    from resfit.inference.export_cache import LoadedRun, cached_export
 
     base_env = {k: v for k, v in os.environ.items() if k not in STAND_IN}
     settings = {"native": base_env, "avx2 stand-in": {**base_env, **STAND_IN}}
     with tempfile.TemporaryDirectory(prefix="resfit-isa-") as work:
         run = make_run(args.arch, Path(work) / "runs")
         cache = Path(work) / "cache"
+        loaded = LoadedRun.read(run)
         for fmt in ("onnx", "openvino"):
-            cached_export(run, fmt, cache)
+            cached_export(loaded, fmt, cache)
         seconds = {(e, s): [] for e in ENGINES for s in settings}
         for round_index in range(args.rounds):
             for engine in ENGINES:

@@ -95,7 +95,7 @@ def measure(arch: str, id_name: str, ood_name: str, args, work: Path) -> dict:
     import resfit
     from resfit.calibration import calibration_scores
     from resfit.evaluate import softmax
-    from resfit.predict import Classifier, InferenceConfig
+    from resfit.inference.classifier import Classifier, InferenceConfig
     from resfit.rejection import SCORES, fit_rule
 
     id_root = SHARED / "data" / id_name

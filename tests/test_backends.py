@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from test_export import train_tiny_run
 
-from resfit.backends import OpenVinoBackend, choose_backend, time_engines
 from resfit.errors import ConfigError
 from resfit.export import ExportError
 from resfit.hardware import CpuInfo, apply_isa_cap
-from resfit.predict import Classifier, InferenceConfig
+from resfit.inference.classifier import Classifier, InferenceConfig
+from resfit.inference.engines import OpenVinoBackend, choose_backend, time_engines
 
 ZEN5 = CpuInfo("2-core Zen 5", 2, 2, avx2=True, avx512=True, native_bf16=True)
 EPYC_AVX2 = CpuInfo("2-core AVX2 EPYC", 2, 2, avx2=True, avx512=False, native_bf16=False)
@@ -61,7 +61,7 @@ def test_the_avx2_stand_in_turns_off_native_bf16(environ, expected):
 
 
 def test_auto_falls_back_when_packages_are_missing(monkeypatch):
-    import resfit.backends as backends
+    import resfit.inference.engines as backends
 
     monkeypatch.setattr(backends, "is_available", lambda name: name in ("torch", "onnxruntime"))
     assert choose_backend(ZEN5).name == "onnxruntime"
@@ -171,7 +171,7 @@ def test_int8_is_calibrated_once_checked_and_cached(tiny_run, tiny_imagefolder, 
 
 
 def test_int8_that_disagrees_with_fp32_is_refused_and_not_retried(tiny_run, tmp_path, monkeypatch):
-    import resfit.export as export_module
+    import resfit.inference.export_cache as export_module
 
     monkeypatch.setattr(export_module, "INT8_MIN_AGREEMENT", 1.01)  # nothing can pass
     config = InferenceConfig(backend="openvino", precision="int8", cache_dir=str(tmp_path))

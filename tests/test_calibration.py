@@ -18,7 +18,7 @@ from resfit.calibration import (
     why_temperature_does_not_transfer,
 )
 from resfit.evaluate import softmax
-from resfit.predict import Classifier, InferenceConfig
+from resfit.inference.classifier import Classifier, InferenceConfig
 from resfit.runfolder import MODEL_META
 from resfit.serve import create_app
 

@@ -14,7 +14,7 @@ from resfit.compare import CompareConfig, compare
 from resfit.compare.command import ModelPlan, describe_sources, obtain_run, weights_for, weights_per_backbone
 from resfit.compare.report import source_label
 from resfit.errors import ConfigError, WeightsError
-from resfit.predict import InferenceConfig
+from resfit.inference.classifier import InferenceConfig
 from resfit.train import TrainConfig
 
 TINY_RECIPE = [

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from resfit.cli import main
-from resfit.predict import Classifier, InferenceConfig
+from resfit.inference.classifier import Classifier, InferenceConfig
 
 
 def test_compare_resnet50_resnet101_fused_and_ensemble_on_ants_and_bees(shared_dir, tmp_path, capsys):

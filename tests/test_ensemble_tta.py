@@ -18,6 +18,8 @@ from resfit.data.transforms import Preprocessing
 from resfit.ensemble import build_ensemble, choose_weights
 from resfit.errors import ConfigError, WeightsError
 from resfit.export import ExportConfig, export_run
+from resfit.inference.classifier import Classifier, InferenceConfig
+from resfit.model_wrappers import TTAWrapper, tta_sizes
 from resfit.models import (
     FusedResNet,
     apply_pretrained,
@@ -25,9 +27,7 @@ from resfit.models import (
     layerwise_param_groups,
     load_pretrained,
 )
-from resfit.predict import Classifier, InferenceConfig
 from resfit.runfolder import build_model_meta, load_model, write_model
-from resfit.wrappers import TTAWrapper, tta_sizes
 
 EXACT = InferenceConfig(backend="torch", precision="fp32")
 

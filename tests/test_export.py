@@ -17,8 +17,9 @@ import pytest
 import resfit
 from resfit.cli import main
 from resfit.errors import RunFolderError
-from resfit.export import ExportConfig, ExportError, export_run, load_exported, read_onnx_metadata
-from resfit.predict import Classifier, InferenceConfig
+from resfit.export import ExportConfig, ExportError, export_run
+from resfit.inference.classifier import Classifier, InferenceConfig
+from resfit.inference.formats import load_exported, read_onnx_metadata
 
 HYMENOPTERA = ("data", "hymenoptera")
 

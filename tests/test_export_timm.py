@@ -17,7 +17,7 @@ from resfit.cli import main
 from resfit.errors import ExportError
 from resfit.export import ExportConfig, export_run
 from resfit.export_timm import crop_pct
-from resfit.predict import Classifier
+from resfit.inference.classifier import Classifier
 from resfit.runfolder import MODEL_META
 
 timm = pytest.importorskip("timm")

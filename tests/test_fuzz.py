@@ -26,8 +26,8 @@ from resfit.cli import main
 from resfit.data.images import check_image, open_rgb
 from resfit.data.scan import load_dataset
 from resfit.errors import ImageReadError, ResfitError, RunFolderError, WeightsError
+from resfit.inference.classifier import Classifier, InferenceConfig
 from resfit.models import load_pretrained
-from resfit.predict import Classifier, InferenceConfig
 from resfit.runfolder import MODEL_META, MODEL_WEIGHTS, read_meta
 from resfit.serve import BackgroundServer, ServeConfig, create_app
 

@@ -17,7 +17,7 @@ from selenium.webdriver.support import expected_conditions as EC
 from selenium.webdriver.support.ui import WebDriverWait
 from test_export import confident_val_images, train_real_run, train_tiny_run
 
-from resfit.predict import Classifier, InferenceConfig
+from resfit.inference.classifier import Classifier, InferenceConfig
 from resfit.serve import BackgroundServer, create_app
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from test_export import train_real_run
 
 from resfit.errors import ConfigError
-from resfit.predict import Classifier, InferenceConfig
+from resfit.inference.classifier import Classifier, InferenceConfig
 from resfit.rejection import BANK_FILE, confidence_scores, fit_rule, parse_target, risk_coverage
 from resfit.serve import create_app
 

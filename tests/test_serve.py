@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from test_export import confident_val_images, train_real_run, train_tiny_run
 
-from resfit.predict import Classifier, InferenceConfig
+from resfit.inference.classifier import Classifier, InferenceConfig
 from resfit.serve import MB, BackgroundServer, Batcher, ServeConfig, create_app, sniff_format
 
 

@@ -5,9 +5,8 @@ result = resfit.train(resfit.TrainConfig(data="photos/", weights="imagenet"))
 resfit.load(result.run_dir).predict("cat.jpg")
 """
 
-__version__ = "0.1.0"
-
-from .predict import Classifier, load  # noqa: E402
-from .train import RunResult, TrainConfig, resume, train  # noqa: E402
+from .inference.classifier import Classifier, load
+from .train import RunResult, TrainConfig, resume, train
+from .version import __version__
 
 __all__ = ["Classifier", "RunResult", "TrainConfig", "load", "resume", "train", "__version__"]

@@ -3,7 +3,7 @@
 A fine-tuned network's softmax is usually over- or under-confident. One temperature T, fitted on held-out
 logits by minimising the negative log-likelihood, divides every logit: accuracy cannot change (the order of
 the logits is kept) while the probabilities become honest. The temperature lives in model.json and inside
-the model (``TemperatureScaled``), so PyTorch, ONNX/OpenVINO exports and the service apply it alike.
+the model (``model_wrappers.TemperatureScaled``), so PyTorch, ONNX/OpenVINO exports and the service apply it alike.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from scipy.optimize import minimize_scalar
-from torch import nn
+
+from .runfolder import MODEL_META, read_meta
 
 ECE_BINS = 15
 RELIABILITY_PLOT = "reliability.png"
@@ -22,20 +23,6 @@ RELIABILITY_PLOT = "reliability.png"
 # held-out set cannot pin T down (e.g. no mistakes: the NLL falls forever as T -> 0), and T stays 1.
 _LOG_T_BOUND = math.log(10.0)
 MIN_CALIBRATION_IMAGES = 30
-
-
-class TemperatureScaled(nn.Module):
-    """``model``'s logits divided by a fixed temperature: no parameters, nothing added to the weights file."""
-
-    def __init__(self, model: nn.Module, temperature: float):
-        super().__init__()
-        if not (math.isfinite(temperature) and temperature > 0):
-            raise ValueError(f"temperature must be a finite number above 0, got {temperature}")
-        self.model = model
-        self.temperature = float(temperature)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images) / self.temperature
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -162,7 +149,6 @@ def calibrate_run(run_dir: Path, raw_logits: np.ndarray, labels: np.ndarray, say
     reliability diagram; returns the fit with NLL/Brier/ECE before and after (T stays 1 where it cannot
     be pinned down, with the reason)."""
     from .fileio import atomic_write_json
-    from .runfolder import MODEL_META, read_meta
 
     reason = why_not_calibrated(raw_logits, labels) or why_temperature_does_not_transfer(raw_logits, labels)
     temperature = 1.0 if reason else fit_temperature(raw_logits, labels)

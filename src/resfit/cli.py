@@ -8,10 +8,10 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from . import __version__
 from .errors import ConfigError, DataError, ResfitError
 from .fileio import atomic_write_json
 from .train.config import OPTIMIZERS, TrainConfig
+from .version import __version__
 
 EXIT_INTERRUPTED = 130
 EXIT_SOME_FAILED = 1
@@ -309,11 +309,12 @@ def _lr_find_parser(sub) -> None:
 
 
 def _run_lr_find(args) -> int:
-    from .train.lr_find import PLOT_NAME, config_for, describe, find_lr
+    from .train.loop import find_lr, lr_find_config
+    from .train.lr_find import PLOT_NAME, describe
 
     known = {f.name for f in fields(TrainConfig)} - {"data", "out"}
     given = {k: v for k, v in vars(args).items() if k in known and v is not None}
-    config = config_for(args.run_or_data, given)
+    config = lr_find_config(args.run_or_data, given)
     result, out = find_lr(config, args.out, start_lr=args.start_lr, end_lr=args.end_lr, steps=args.steps)
     print(describe(result))
     print(f"suggested --lr {result.suggestion:.2e}; plot: {out / PLOT_NAME}")
@@ -389,7 +390,7 @@ def _compare_parser(sub) -> None:
 
 def _run_compare(args) -> int:
     from .compare import CompareConfig, compare
-    from .predict import InferenceConfig
+    from .inference.classifier import InferenceConfig
 
     known = {f.name for f in fields(TrainConfig)} - {"data", "model", "weights", "out"}
     recipe = TrainConfig(**{k: v for k, v in vars(args).items() if k in known})
@@ -410,7 +411,7 @@ def _run_compare(args) -> int:
 
 
 def _add_tta_flag(p, default_help: str) -> None:
-    from .wrappers import TTA_MODES
+    from .model_wrappers import TTA_MODES
 
     p.add_argument(
         "--tta",
@@ -421,7 +422,7 @@ def _add_tta_flag(p, default_help: str) -> None:
 
 
 def _add_backend_flags(p) -> None:
-    from .backends import BACKENDS, PERFORMANCE_HINTS
+    from .inference.engines import BACKENDS, PERFORMANCE_HINTS
 
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (a GPU index)")
     p.add_argument(
@@ -458,7 +459,7 @@ def _say_stderr(message: str) -> None:
 
 def _load_classifier(args):
     """The Classifier the flags ask for; which backend it runs on (and why) goes to stderr."""
-    from .predict import Classifier, InferenceConfig
+    from .inference.classifier import Classifier, InferenceConfig
 
     config = InferenceConfig(
         args.device,
@@ -475,7 +476,7 @@ def _load_classifier(args):
 
 def _run_export(args) -> int:
     from .export import ExportConfig, export_run
-    from .predict import expand_inputs
+    from .inference.classifier import expand_inputs
 
     config = ExportConfig(
         run_dir=args.run_dir,
@@ -552,7 +553,7 @@ def _run_ensemble(args) -> int:
 
 
 def _run_predict(args) -> int:
-    from .predict import expand_inputs
+    from .inference.classifier import expand_inputs
 
     paths = expand_inputs(args.paths)
     if not paths:

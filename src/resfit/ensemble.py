@@ -23,10 +23,10 @@ from .data.transforms import Preprocessing
 from .errors import ConfigError, RunFolderError
 from .evaluate import eval_loader, evaluate_split, predict_logits, write_evaluation
 from .hardware import apply_threads, resolve_runtime
+from .model_wrappers import EnsembleModel, check_tta
 from .rejection import DEFAULT_TARGET, RejectRule, choose_and_store_rule
 from .reports import format_metrics_table
 from .runfolder import ENSEMBLE, MODEL_META, build_model_meta, load_model, read_meta, write_model
-from .wrappers import EnsembleModel, check_tta
 
 WEIGHTINGS = ("equal", "val")
 WEIGHT_STEP = 0.05  # grid step of the validation weight search (two members: 21 candidates)

@@ -10,7 +10,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .data.dataset import ImageDataset
-from .data.sources import DatasetSource
+from .data.splits import DatasetSource
 from .data.transforms import Preprocessing
 from .fileio import atomic_write_json
 from .hardware import Runtime

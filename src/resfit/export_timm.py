@@ -23,11 +23,11 @@ from pathlib import Path
 from safetensors.torch import save_file
 from torch import nn
 
-from . import __version__
-from .calibration import TemperatureScaled
 from .errors import ExportError
 from .fileio import atomic_write_json
+from .model_wrappers import TemperatureScaled
 from .models import ARCHITECTURES
+from .version import __version__
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 NETWORK_STRIDE = 32  # a ResNet's last feature map is the input size / 32

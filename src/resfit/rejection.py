@@ -9,7 +9,7 @@ out-of-distribution photos: the logit scores barely separate them (a 2-class sof
 tulip), the feature distance does (README, "Unknown"). The threshold is set for a target coverage (the share
 of validation photos still answered) or a target precision (the accuracy on those answered). The rule is in
 model.json ("reject"), the bank in reject_bank.safetensors; the engines output the features beside the
-logits (``WithFeatures``), so every engine and the service answer alike.
+logits (``model_wrappers.WithFeatures``), so every engine and the service answer alike.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from .errors import ConfigError
+from .runfolder import MODEL_META, read_meta
 
 SCORES = ("knn", "msp", "energy")
 FEATURE_SCORES = ("knn",)  # need the backbone's pooled features and the bank of training features
@@ -67,30 +67,6 @@ def confidence_scores(
     if score == "energy":
         return torch.logsumexp(logits, dim=1).numpy()
     raise ConfigError(f"rejection score must be one of {SCORES}, got {score!r}")
-
-
-class WithFeatures(nn.Module):
-    """A single network's calibrated logits with its L2-normalised pooled features appended as columns.
-
-    One output keeps every engine (PyTorch, ONNX Runtime, OpenVINO, int8) and the service's batching as they
-    are; ``split_output`` takes the two apart again.
-    """
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        from .calibration import TemperatureScaled
-
-        self.temperature = model.temperature if isinstance(model, TemperatureScaled) else 1.0
-        self.network = model.model if isinstance(model, TemperatureScaled) else model
-        if not hasattr(self.network, "fc"):
-            raise ConfigError("feature scores need a single network with an fc head (not an ensemble or TTA)")
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        from .models import forward_features
-
-        features = forward_features(self.network, images)
-        logits = self.network.fc(features) / self.temperature
-        return torch.cat([logits, nn.functional.normalize(features.float(), dim=1).to(logits.dtype)], dim=1)
 
 
 def split_output(output: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -324,7 +300,6 @@ def choose_and_store_rule(
     """The "unknown" rule for ``target`` on calibrated held-out logits, stored in model.json (its bank, for
     knn, in reject_bank.safetensors); risk_coverage.png; returns the rule and its risk-coverage figures."""
     from .fileio import atomic_write_json
-    from .runfolder import MODEL_META, read_meta
 
     run_dir = Path(run_dir)
     meta = {k: v for k, v in read_meta(run_dir).items() if k != "reject"}

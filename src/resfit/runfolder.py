@@ -14,13 +14,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .calibration import TemperatureScaled
 from .data.transforms import Preprocessing
 from .errors import ConfigError, RunFolderError
 from .fileio import atomic_write, atomic_write_json
+from .model_wrappers import EnsembleModel, TemperatureScaled, TTAWrapper, WithFeatures, check_tta, tta_sizes
 from .models import build_model, check_architecture
-from .rejection import WithFeatures
-from .wrappers import EnsembleModel, TTAWrapper, check_tta, tta_sizes
 
 FORMAT = "resfit-run"
 FORMAT_VERSION = 1
@@ -36,7 +34,7 @@ def library_versions() -> dict[str, str]:
     import numpy
     import PIL
 
-    from . import __version__
+    from .version import __version__
     from .vision import torchvision
 
     return {
@@ -237,7 +235,7 @@ def load_model(
 
     ``calibrated`` divides its logits by the run's fitted temperature; without it the module is exactly what
     model.safetensors holds (an ensemble is built from such members, so its weights file loads back).
-    ``features`` appends the pooled features to the logits (rejection.WithFeatures: the knn "unknown" score)."""
+    ``features`` appends the pooled features to the logits (model_wrappers.WithFeatures: the knn "unknown" score)."""
     run_dir = Path(run_dir)
     meta = read_meta(run_dir)
     model = build_from_meta(meta)

@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .data.images import open_rgb
 from .errors import ConfigError, ImageReadError
 from .evaluate import softmax
-from .predict import Classifier
+from .inference.classifier import Classifier
 from .rejection import UNKNOWN, split_output
 
 MB = 1024 * 1024

@@ -16,7 +16,7 @@ import torch
 
 from ..data.duplicates import Copy
 from ..data.feature_cache import FeatureCache, content_fingerprint, feature_key, weights_fingerprint
-from ..data.sources import DatasetSource
+from ..data.splits import DatasetSource
 from ..data.transforms import Preprocessing
 from ..hardware import Runtime, apply_device, resolve_runtime
 from ..models import PretrainedSource, apply_pretrained, build_model

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import __version__
 from ..data.duplicates import NEAR_DISTANCE, Copy, DuplicateGroup, dataset_copies, find_duplicates
 from ..data.hashes import hash_items
 from ..data.scan import load_dataset
 from ..errors import ConfigError
 from ..fileio import atomic_write_json
 from ..models import check_architecture, load_pretrained
+from ..version import __version__
 from .sheet import Tile, short_path, write_contact_sheet
 
 AUDIT_FILE = "audit.json"

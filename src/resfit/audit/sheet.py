@@ -12,7 +12,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from ..data.sources import DatasetSource
+from ..data.splits import DatasetSource
 from ..fileio import atomic_write
 
 TILE = 128

@@ -18,12 +18,13 @@ from datetime import datetime
 from pathlib import Path
 
 from ..data.scan import load_dataset
-from ..data.sources import DatasetSource, discover
+from ..data.sources import discover
+from ..data.splits import DatasetSource
 from ..errors import ConfigError, ExportError, RunFolderError, WeightsError
 from ..evaluate import evaluate_split
 from ..fileio import atomic_write_json
+from ..inference.classifier import Classifier, InferenceConfig
 from ..models import check_architecture, fused_members
-from ..predict import Classifier, InferenceConfig
 from ..runfolder import MODEL_META, load_model, read_meta
 from ..train import TrainConfig, resume, train
 from .measure import (

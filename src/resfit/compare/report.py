@@ -11,10 +11,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ..data.scan import DataReport
-from ..data.sources import DatasetSource
+from ..data.splits import DatasetSource
 from ..fileio import atomic_write, atomic_write_json, atomic_write_text
 from ..hardware import detect_cpu
-from ..predict import InferenceConfig
+from ..inference.classifier import InferenceConfig
 from ..runfolder import library_versions
 
 if TYPE_CHECKING:

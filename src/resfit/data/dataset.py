@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import DataError, ImageReadError
-from .sources import DatasetSource
+from .splits import DatasetSource
 
 if TYPE_CHECKING:
     from .decoded_cache import DecodedImages

@@ -43,7 +43,7 @@ from ..fileio import atomic_write
 from ..vision import transforms as T
 from .feature_cache import content_fingerprint
 from .scan import PROGRESS_DELAY_S, default_cache_dir
-from .sources import DatasetSource
+from .splits import DatasetSource
 from .transforms import INTERPOLATIONS, CentreCropToAspect, Preprocessing
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .hashes import ImageHashes, hamming_pairs, hash_items
-from .sources import DatasetSource
+from .splits import DatasetSource
 
 # Bits of 64 in which two perceptual hashes may differ for the same picture. Measured on flowers5:
 # every pair at <= 8 was one photo (re-sized, recoloured, grayscale, cropped); at 10 unrelated photos

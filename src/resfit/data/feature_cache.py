@@ -18,7 +18,7 @@ from safetensors.numpy import load_file, save_file
 
 from ..fileio import atomic_write
 from .scan import default_cache_dir
-from .sources import DatasetSource
+from .splits import DatasetSource
 
 FORMAT_VERSION = 1
 

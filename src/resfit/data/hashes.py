@@ -21,7 +21,7 @@ import numpy as np
 from ..errors import ImageReadError
 from ..fileio import atomic_write_json
 from .scan import default_cache_dir
-from .sources import DatasetSource
+from .splits import DatasetSource
 
 CACHE_FILE = "hashes-v1.json"
 

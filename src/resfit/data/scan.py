@@ -21,7 +21,8 @@ from tqdm import tqdm
 
 from resfit.data.exclusions import read_exclusions, resolve_exclusions
 from resfit.data.images import DEFAULT_MAX_PIXELS, ImageCheck, check_image
-from resfit.data.sources import DatasetSource, Split, discover
+from resfit.data.sources import discover
+from resfit.data.splits import DatasetSource, Split
 from resfit.errors import ConfigError, DataError, ImageReadError
 from resfit.fileio import atomic_write_json
 

@@ -34,7 +34,7 @@ from .shards import (
     sample_key,
     shard_pattern,
 )
-from .sources import DatasetSource, Split
+from .splits import DatasetSource, Split
 
 DEFAULT_SHARD_MB = 256.0  # webdataset's advice: shards of a few hundred MB stream well
 _FORMAT_EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "TIFF": "tif"}

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..errors import DataError, ImageReadError
 from .images import EncodedImages
-from .sources import SHARD_INDEX, DatasetSource, Split
+from .splits import SHARD_INDEX, DatasetSource, Split
 
 INDEX_FILE = SHARD_INDEX
 FORMAT = "resfit-shards"

@@ -15,65 +15,16 @@ import csv
 import math
 import os
 import random
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
-from resfit.data.arrow_images import ArrowImages
-from resfit.data.cifar import CifarArrays, is_cifar10, read_cifar10
+from resfit.data.cifar import is_cifar10, read_cifar10
 from resfit.data.hf import is_saved_dataset, parquet_files, read_arrow_dataset
-from resfit.data.images import DEFAULT_MAX_PIXELS, open_rgb
+from resfit.data.shards import discover_shards
+from resfit.data.splits import CIFAR_PREFIX, SHARD_INDEX, DatasetSource, Split
 from resfit.errors import ConfigError, DataError
 
-CIFAR_PREFIX = "cifar10:"
 VAL_FOLDER_NAMES = ("val", "valid", "validation")
-SHARD_INDEX = "shards.json"  # shards.INDEX_FILE
 SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
-
-
-@dataclass
-class Split:
-    """One split: parallel lists of items (absolute paths, CIFAR keys or dataset rows) and class indices."""
-
-    items: list[str]
-    labels: list[int]
-
-    def subset(self, indices: list[int]) -> Split:
-        return Split([self.items[i] for i in indices], [self.labels[i] for i in indices])
-
-
-@dataclass
-class DatasetSource:
-    """Where the images are, what the classes are called, and which items belong to which split."""
-
-    root: Path
-    layout: str  # "imagefolder" | "flat" | "csv" | "cifar10" | "hf-disk" | "parquet" | "shards"
-    class_names: list[str]
-    splits: dict[str, Split]
-    notes: list[str]
-    max_pixels: int = DEFAULT_MAX_PIXELS  # the limit the scan accepted these files under
-    cifar: CifarArrays | None = field(default=None, repr=False, compare=False)
-    # Encoded images read by item key: hf-disk and parquet rows (ArrowImages), tar shards (shards.ShardImages).
-    arrow: ArrowImages | None = field(default=None, repr=False, compare=False)
-
-    def read(self, item: str) -> tuple[Image.Image, list[str]]:
-        """RGB image and conversion notes for one item of any split."""
-        if self.layout == "cifar10":
-            return Image.fromarray(self._cifar_pixels(item)), []
-        if self.arrow is not None:
-            return self.arrow.read(item, self.max_pixels)
-        return open_rgb(item, self.max_pixels)
-
-    def _cifar_pixels(self, item: str) -> np.ndarray:
-        if self.cifar is None:
-            raise DataError(f"{self.root}: CIFAR-10 arrays are not loaded, cannot read {item}")
-        prefix, split, index = (item.split(":") + ["", ""])[:3]
-        images = {"train": self.cifar.train_images, "test": self.cifar.test_images}.get(split)
-        if prefix + ":" != CIFAR_PREFIX or images is None or not index.isdigit() or int(index) >= len(images):
-            raise DataError(f"not a CIFAR-10 item key: {item!r} (expected e.g. 'cifar10:train:123')")
-        return images[int(index)]
 
 
 def discover(data: str | os.PathLike, *, val_fraction: float = 0.2, seed: int = 0) -> DatasetSource:
@@ -84,8 +35,6 @@ def discover(data: str | os.PathLike, *, val_fraction: float = 0.2, seed: int = 
     if not root.exists():
         raise DataError(f"dataset not found: {root}")
     if (root / SHARD_INDEX).is_file():
-        from resfit.data.shards import discover_shards  # shards.py builds on this module's classes
-
         return discover_shards(root)
     if is_cifar10(root):
         return _discover_cifar(root, val_fraction, seed)

@@ -8,12 +8,12 @@ from ..data.decoded_cache import MODES as DECODED_CACHE_MODES
 from ..data.transforms import AUGMENTATIONS
 from ..errors import ConfigError
 from ..hardware import PRECISIONS, parse_device
+from ..model_wrappers import TTA_MODES
 from ..models import check_architecture
 from ..rejection import DEFAULT_SCORE as DEFAULT_REJECT_SCORE
 from ..rejection import DEFAULT_TARGET as DEFAULT_REJECT_TARGET
 from ..rejection import SCORES as REJECT_SCORES
 from ..rejection import parse_target as parse_reject_target
-from ..wrappers import TTA_MODES
 from .recipe import BALANCE_MODES
 from .tracking import check_trackers
 

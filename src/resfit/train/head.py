@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from ..data.dataset import ImageDataset
 from ..data.decoded_cache import DecodedImages
-from ..data.sources import DatasetSource
+from ..data.splits import DatasetSource
 from ..data.transforms import Preprocessing
 from ..errors import DataError
 from ..evaluate import eval_loader, to_device

@@ -11,6 +11,7 @@ import io
 import json
 import math
 import random
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -47,7 +48,6 @@ from ..evaluate import (
     eval_loader,
     evaluate_split,
     predict_logits,
-    to_device,
     write_evaluation,
 )
 from ..fileio import atomic_write_json, atomic_write_text
@@ -76,11 +76,10 @@ from ..reports import format_metrics_table, plot_training_curves
 from ..runfolder import MODEL_META, build_model_meta, load_model, read_meta, write_model
 from .config import TrainConfig
 from .head import extract_features, fit_probe_head, head_logits
-from .lr_find import auto_lr
+from .lr_find import END_LR, START_LR, STEPS, RangeTest, auto_lr, range_test, write_range_test
 from .recipe import (
     AUTO_BALANCE,
     IMBALANCE_WARNING_RATIO,
-    balanced_class_weights,
     balanced_sample_weights,
     batch_for_size,
     batch_mixing,
@@ -93,6 +92,7 @@ from .recipe import (
     make_ema,
 )
 from .state import load_start_weights, load_state, restore, save_start_weights, save_state
+from .step import fine_tuning_loss, training_step
 from .tracking import Tracking, open_tracking, require_tracker_packages
 
 TRAIN_CONFIG = "train_config.json"
@@ -512,29 +512,24 @@ class Trainer:
             for group in optimizer.param_groups:
                 group["lr"] = group["initial_lr"] * factor
             lr = config.lr * factor
-            # Mixed batches train on soft targets; accuracy is still counted against each image's own label.
-            targets = labels
-            if mixing is not None:
-                images, targets = mixing(images, labels)
-            images, labels, targets = (
-                to_device(images, runtime),
-                labels.to(runtime.device, non_blocking=True),
-                targets.to(runtime.device, non_blocking=True),
-            )
-            with runtime.autocast():
-                logits = network(images)
-            summed = criterion(logits.float(), targets)
             # The mean over the *global* batch; DDP averages over processes, hence the world_size factor.
-            loss = summed * (self.dist.world_size / global_sizes[step])
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            done = training_step(
+                network,
+                optimizer,
+                scaler,
+                runtime,
+                criterion,
+                images,
+                labels,
+                mixing,
+                loss_scale=self.dist.world_size / global_sizes[step],
+            )
             if self.ema is not None:
                 self.ema.update_parameters(self.model)
-            loss_total += summed.detach().double()
-            correct_total += (logits.argmax(1) == labels).sum()
-            seen += len(labels)
+            loss_total += done.summed_loss.double()
+            # accuracy is counted against each image's own label, mixed batches included
+            correct_total += (done.logits.argmax(1) == done.labels).sum()
+            seen += len(done.labels)
             if not bar.disable and step % POSTFIX_EVERY == 0:
                 bar.set_postfix(
                     loss=f"{loss_total.item() / seen:.3f}", acc=f"{correct_total.item() / seen:.3f}"
@@ -682,13 +677,8 @@ class Trainer:
             train_set = StreamedShards(train_transform, self.source.max_pixels)
         else:
             train_set = ImageDataset(self.source, "train", train_transform, decoded=self.decoded.get("train"))
-        class_weights = None
-        if config.balance == "loss":
-            labels = self.source.splits["train"].labels
-            counts = class_counts(labels, len(self.source.class_names))
-            class_weights = balanced_class_weights(counts).to(self.runtime.device)
-        criterion = nn.CrossEntropyLoss(
-            weight=class_weights, label_smoothing=config.label_smoothing, reduction="sum"
+        criterion = fine_tuning_loss(
+            config, self.source.splits["train"].labels, len(self.source.class_names), self.runtime.device
         )
         network = self.model
         if self.dist.enabled:
@@ -866,6 +856,53 @@ def resume(run_dir: str | Path, say: Callable[[str], None] | None = None) -> Run
     config = TrainConfig.from_dict(json.loads(config_path.read_text()))
     config.out = str(run_dir)
     return Trainer(config, run_dir, resuming=True, say=say or _print).run()
+
+
+def lr_find_config(run_or_data: str | Path, overrides: dict | None = None) -> TrainConfig:
+    """`resfit lr-find`'s config: an existing run's (a folder with train_config.json), or a new one for a
+    dataset, with ``overrides`` (the flags a user gave) on top. The run folder itself is only read."""
+    path = Path(run_or_data)
+    if (path / TRAIN_CONFIG).is_file():
+        config = TrainConfig.from_dict(json.loads((path / TRAIN_CONFIG).read_text()))
+        meta_path = path / MODEL_META
+        if not Path(config.data).exists() and meta_path.is_file():
+            # The run's data path was relative to where it was trained; model.json holds it resolved.
+            config.data = json.loads(meta_path.read_text()).get("data", {}).get("path", config.data)
+        config.out = None
+    else:
+        config = TrainConfig(data=str(run_or_data))
+    for name, value in (overrides or {}).items():
+        setattr(config, name, value)
+    return config
+
+
+def find_lr(
+    config: TrainConfig,
+    out: str | Path | None = None,
+    say: Callable[[str], None] | None = None,
+    start_lr: float = START_LR,
+    end_lr: float = END_LR,
+    steps: int = STEPS,
+) -> tuple[RangeTest, Path]:
+    """Prepare a run as ``train`` would (scan, weights, head stage), run the range test, write it to ``out``.
+
+    Nothing is trained or kept but the test's json and plot; returns the test and its folder.
+    """
+    say = say or _print
+    config.lr = "auto"  # the sweep decides; this also refuses a run under torchrun (one process only)
+    config.validate()
+    out = Path(out) if out else Path("runs") / f"lr-find-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    # prepare() writes a run's config files; they go to a scratch folder, so `out` never looks like a run.
+    with tempfile.TemporaryDirectory(prefix="resfit-lr-find-") as scratch:
+        trainer = Trainer(config, Path(scratch), resuming=False, say=say)
+        trainer.prepare()
+        if config.head_stage:
+            set_backbone_trainable(trainer.model, False)
+            row = trainer.fit_head()
+            say(f"head stage: train loss {row['train_loss']:.4f}, val acc {row['val_acc']:.4f}")
+        result = range_test(trainer, start_lr, end_lr, steps)
+    write_range_test(result, out)
+    return result, out
 
 
 def _print(message: str) -> None:

@@ -31,11 +31,9 @@ from __future__ import annotations
 
 import json
 import math
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -49,13 +47,12 @@ from tqdm import tqdm
 from ..data.dataset import ImageDataset
 from ..distributed import DistContext, GlobalBatchSampler
 from ..errors import ConfigError
-from ..evaluate import to_device
 from ..fileio import atomic_write, atomic_write_json
 from ..hardware import pin_memory
-from ..models import set_backbone_trainable
-from .config import DEFAULT_LR, TrainConfig
-from .recipe import balanced_class_weights, batch_mixing, class_counts
+from .config import DEFAULT_LR
+from .recipe import batch_mixing
 from .state import rng_state, set_rng_state
+from .step import fine_tuning_loss, training_step
 
 if TYPE_CHECKING:
     from .loop import Trainer
@@ -226,11 +223,7 @@ def range_test(
         decoded=trainer.decoded.get("train"),
     )
     num_classes = len(trainer.source.class_names)
-    class_weights = None
-    if config.balance == "loss":
-        counts = class_counts(trainer.source.splits["train"].labels, num_classes)
-        class_weights = balanced_class_weights(counts).to(runtime.device)
-    criterion = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=config.label_smoothing)
+    criterion = fine_tuning_loss(config, trainer.source.splits["train"].labels, num_classes, runtime.device)
     mixing = batch_mixing(config.mixup, config.cutmix, num_classes)
     snapshot = _Snapshot(model)
     started = time.perf_counter()
@@ -256,18 +249,10 @@ def range_test(
         for step, lr in enumerate(bar):
             for group, share in zip(optimizer.param_groups, shares, strict=True):
                 group["lr"] = share * lr
-            images, targets = next(batches)
-            if mixing is not None:
-                images, targets = mixing(images, targets)
-            images, targets = to_device(images, runtime), targets.to(runtime.device, non_blocking=True)
-            with runtime.autocast():
-                logits = model(images)
-            loss = criterion(logits.float(), targets)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            value = loss.item()
+            images, labels = next(batches)
+            value = training_step(
+                model, optimizer, scaler, runtime, criterion, images, labels, mixing
+            ).loss.item()
             if not math.isfinite(value):
                 break
             lrs.append(float(lr))
@@ -370,64 +355,7 @@ def read_range_test(folder: str | Path) -> RangeTest:
     return RangeTest(**json.loads((Path(folder) / JSON_NAME).read_text()))
 
 
-# -- the command -------------------------------------------------------------------------------------
-
-
-def default_out() -> Path:
-    return Path("runs") / f"lr-find-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-
-
-def config_for(run_or_data: str | Path, overrides: dict | None = None) -> TrainConfig:
-    """The config of an existing run (a folder with train_config.json), or a new one for a dataset.
-
-    ``overrides`` (the flags a user gave) are applied on top. The run folder itself is only read.
-    """
-    from .loop import TRAIN_CONFIG
-
-    path = Path(run_or_data)
-    if (path / TRAIN_CONFIG).is_file():
-        config = TrainConfig.from_dict(json.loads((path / TRAIN_CONFIG).read_text()))
-        meta_path = path / "model.json"
-        if not Path(config.data).exists() and meta_path.is_file():
-            # The run's data path was relative to where it was trained; model.json holds it resolved.
-            config.data = json.loads(meta_path.read_text()).get("data", {}).get("path", config.data)
-        config.out = None
-    else:
-        config = TrainConfig(data=str(run_or_data))
-    for name, value in (overrides or {}).items():
-        setattr(config, name, value)
-    return config
-
-
-def find_lr(
-    config: TrainConfig,
-    out: str | Path | None = None,
-    say: Callable[[str], None] | None = None,
-    start_lr: float = START_LR,
-    end_lr: float = END_LR,
-    steps: int = STEPS,
-) -> tuple[RangeTest, Path]:
-    """Prepare a run as ``train`` would (scan, weights, head stage), run the range test, write it to ``out``.
-
-    Nothing is trained or kept but the test's json and plot; returns the test and its folder.
-    """
-    from .loop import Trainer  # the Trainer uses this module for --lr auto
-
-    say = say or _print
-    config.lr = "auto"  # the sweep decides; this also refuses a run under torchrun (one process only)
-    config.validate()
-    out = Path(out) if out else default_out()
-    # prepare() writes a run's config files; they go to a scratch folder, so `out` never looks like a run.
-    with tempfile.TemporaryDirectory(prefix="resfit-lr-find-") as scratch:
-        trainer = Trainer(config, Path(scratch), resuming=False, say=say)
-        trainer.prepare()
-        if config.head_stage:
-            set_backbone_trainable(trainer.model, False)
-            row = trainer.fit_head()
-            say(f"head stage: train loss {row['train_loss']:.4f}, val acc {row['val_acc']:.4f}")
-        result = range_test(trainer, start_lr, end_lr, steps)
-    write_range_test(result, out)
-    return result, out
+# -- inside a run ---------------------------------------------------------------------------------------
 
 
 def auto_lr(trainer: Trainer) -> float:

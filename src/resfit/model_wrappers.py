@@ -1,18 +1,21 @@
-"""Modules that wrap trained models and average probabilities: the late-fusion ensemble and test-time augmentation.
+"""The nn.Modules wrapped around a trained network for inference: the late-fusion ensemble and test-time
+augmentation (both average probabilities), the calibration temperature, and the features beside the logits.
 
-Both return log-probabilities, so every consumer that applies a softmax to "logits" (evaluate, predict,
+The ensemble and TTA return log-probabilities, so every consumer that applies a softmax to "logits" (evaluate, predict,
 export, the service) gets the averaged probabilities back unchanged, and both are plain nn.Modules, so
 ONNX/OpenVINO export traces the whole computation: one file, the same numbers everywhere.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from .errors import ConfigError
+from .models import forward_features
 
 TTA_MODES = ("none", "flip", "multiscale", "flip+multiscale")
 # Test sizes as multiples of the training crop: FixRes (Touvron et al. 2019) shows random-resized-crop
@@ -127,3 +130,37 @@ class EnsembleModel(nn.Module):
             probs = torch.softmax(member(view).float(), dim=1) * self.weights[index]
             total = probs if total is None else total + probs
         return torch.log(total.clamp_min(_MIN_PROBABILITY))
+
+
+class TemperatureScaled(nn.Module):
+    """``model``'s logits divided by a fixed temperature: no parameters, nothing added to the weights file."""
+
+    def __init__(self, model: nn.Module, temperature: float):
+        super().__init__()
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature must be a finite number above 0, got {temperature}")
+        self.model = model
+        self.temperature = float(temperature)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images) / self.temperature
+
+
+class WithFeatures(nn.Module):
+    """A single network's calibrated logits with its L2-normalised pooled features appended as columns.
+
+    One output keeps every engine (PyTorch, ONNX Runtime, OpenVINO, int8) and the service's batching as they
+    are; ``split_output`` takes the two apart again.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.temperature = model.temperature if isinstance(model, TemperatureScaled) else 1.0
+        self.network = model.model if isinstance(model, TemperatureScaled) else model
+        if not hasattr(self.network, "fc"):
+            raise ConfigError("feature scores need a single network with an fc head (not an ensemble or TTA)")
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = forward_features(self.network, images)
+        logits = self.network.fc(features) / self.temperature
+        return torch.cat([logits, nn.functional.normalize(features.float(), dim=1).to(logits.dtype)], dim=1)

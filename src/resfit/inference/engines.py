@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import ConfigError
-from .fileio import atomic_write_json
-from .hardware import CpuInfo, cpu_precision
+from ..errors import ConfigError
+from ..fileio import atomic_write_json
+from ..hardware import CpuInfo, cpu_precision
 
 BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
 BACKEND_PRECISIONS = ("auto", "fp32", "bf16", "int8")

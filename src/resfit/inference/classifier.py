@@ -11,7 +11,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .backends import (
+from ..data.images import open_rgb
+from ..data.scan import default_cache_dir
+from ..data.transforms import Preprocessing
+from ..errors import ImageReadError
+from ..evaluate import softmax
+from ..hardware import Runtime, apply_threads, resolve_runtime
+from ..rejection import UNKNOWN, RejectRule, needs_features, split_output
+from ..runfolder import read_meta
+from .engines import (
     MEASURE_BATCH,
     BackendChoice,
     OnnxRuntimeBackend,
@@ -25,15 +33,7 @@ from .backends import (
     time_engines,
     write_measurement,
 )
-from .data.images import open_rgb
-from .data.scan import default_cache_dir
-from .data.transforms import Preprocessing
-from .errors import ImageReadError
-from .evaluate import softmax
-from .export import cached_export, cached_int8_export, model_digest
-from .hardware import Runtime, apply_threads, resolve_runtime
-from .rejection import UNKNOWN, RejectRule, needs_features, split_output
-from .runfolder import load_model, read_meta
+from .export_cache import LoadedRun, cached_export, cached_int8_export
 
 PREDICT_BATCH_SIZE = 16
 
@@ -159,28 +159,26 @@ class Classifier:
             if say is not None:
                 say("note: the run's \"unknown\" rule reads one view's features, so it is off under TTA")
             config, features = replace(config, reject=False), False
-        model, meta = load_model(Path(run_dir), config.tta, features=features)
+        # The weights are read once: every engine and every export below comes from this one model.
+        run = LoadedRun.read(run_dir, config.tta, features)
+        model, meta = run.model, run.meta
         cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
 
         def engine(name: str, engine_precision: str):
             if name == "onnxruntime":
-                return OnnxRuntimeBackend(
-                    cached_export(run_dir, "onnx", cache_dir, say, config.tta, features), runtime.threads
-                )
+                return OnnxRuntimeBackend(cached_export(run, "onnx", cache_dir, say), runtime.threads)
             if name == "openvino":
-                ir = cached_export(run_dir, "openvino", cache_dir, say, config.tta, features)
+                ir = cached_export(run, "openvino", cache_dir, say)
                 return OpenVinoBackend(ir, runtime.threads, engine_precision, choice.performance_hint)
             return TorchBackend(model, engine_precision, runtime.device)
 
         if config.backend == "auto" and runtime.device == "cpu" and choice.precision != "int8":
-            name, reason, built = _fastest_engine(
-                engine, choice.precision, meta, runtime, run_dir, cache_dir, say
-            )
+            name, reason, built = _fastest_engine(engine, choice.precision, run, runtime, cache_dir, say)
             precision_reason = choice.reason.partition("; ")[2]  # what follows the rule's own "why"
             choice = replace(choice, name=name, reason="; ".join(filter(None, [reason, precision_reason])))
             backend_engine = built or engine(name, choice.precision)
         elif choice.name == "openvino" and choice.precision == "int8":
-            ir, summary = cached_int8_export(run_dir, cache_dir, say, config.tta, features)
+            ir, summary = cached_int8_export(run, cache_dir, say)
             backend_engine = OpenVinoBackend(ir, runtime.threads, "int8", choice.performance_hint)
             choice = replace(choice, reason=f"{choice.reason}; {summary}")
         else:
@@ -290,7 +288,7 @@ class Classifier:
             yield from flush()
 
 
-def _fastest_engine(engine, precision, meta, runtime, run_dir, cache_dir, say) -> tuple[str, str, object]:
+def _fastest_engine(engine, precision, run: LoadedRun, runtime, cache_dir, say) -> tuple[str, str, object]:
     """(engine name, why, the engine if it was built here): ``auto`` times every installed engine once per
     model and machine, then remembers the figures.
 
@@ -300,8 +298,8 @@ def _fastest_engine(engine, precision, meta, runtime, run_dir, cache_dir, say) -
     candidates = measurable_engines(precision)
     if len(candidates) == 1:
         return candidates[0], "the only engine installed for this precision", None
-    size = int(meta["preprocessing"]["crop_size"])
-    model_key = f"{model_digest(Path(run_dir))}:{meta.get('tta', 'none')}:{size}"
+    size = int(run.meta["preprocessing"]["crop_size"])
+    model_key = f"{run.digest}:{run.meta.get('tta', 'none')}:{size}"
     path = measurement_path(cache_dir, runtime.cpu, runtime.threads, precision, model_key)
     figures = read_measurement(path)
     cached = figures is not None and set(figures) == set(candidates)

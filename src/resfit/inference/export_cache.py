@@ -1,0 +1,230 @@
+"""The export cache: a run's model exported once per distinct weights (fp32 ONNX/OpenVINO, gated int8) for the
+engines, so a second load of the same model on this machine starts at once.
+
+A ``LoadedRun`` is read once per process (model, metadata, weights digest) and every export is made from it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..data.sources import discover
+from ..data.transforms import Preprocessing
+from ..errors import ExportError, ImageReadError
+from ..fileio import atomic_write_json
+from ..runfolder import MODEL_WEIGHTS, load_model
+from ..version import __version__
+from .engines import OpenVinoBackend, TorchBackend
+from .formats import FILE_NAMES, load_exported, write_export
+
+
+def run_images(meta: dict, split: str, count: int, purpose: str) -> Iterator[tuple[str, Image.Image]]:
+    """Up to ``count`` readable images of one split of the run's own data, each class in turn."""
+    data = (meta.get("data") or {}).get("path")
+    if not data or not Path(data).exists():
+        raise ExportError(
+            f"the run's data ({data or 'not recorded in model.json'}) is not here to {purpose}: "
+            + (
+                "pass --check-images with a few real images"
+                if split == "val"
+                else "use --precision fp32 or bf16"
+            )
+        )
+    training = meta.get("training_config") or {}
+    source = discover(data, val_fraction=training.get("val_fraction", 0.2), seed=training.get("seed", 0))
+    chosen = source.splits.get(split) or next(iter(source.splits.values()))
+    by_class: dict[int, list[str]] = {}
+    for item, label in sorted(zip(chosen.items, chosen.labels, strict=True)):
+        by_class.setdefault(label, []).append(item)
+    queues = [by_class[label] for label in sorted(by_class)]
+    given = 0
+    while given < count and any(queues):
+        for queue in queues:
+            if queue and given < count:
+                item = queue.pop(0)
+                try:
+                    image = source.read(item)[0]
+                except ImageReadError:
+                    continue  # the scan would have skipped it too
+                given += 1
+                yield item, image
+
+
+def model_digest(run_dir: Path) -> str:
+    """sha256 of model.safetensors: exports in the cache are keyed by the exact weights."""
+    digest = hashlib.sha256()
+    with open(run_dir / MODEL_WEIGHTS, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class LoadedRun:
+    """A run's model as the engines run it (its TTA and feature outputs applied), with its metadata: read once
+    per process, and the source of every export made from it. The weights digest is computed on first use."""
+
+    run_dir: Path
+    model: torch.nn.Module
+    meta: dict
+    features: bool = False
+
+    @classmethod
+    def read(cls, run_dir: str | os.PathLike, tta: str | None = None, features: bool = False) -> LoadedRun:
+        model, meta = load_model(Path(run_dir), tta, features=features)
+        return cls(Path(run_dir), model, meta, features)
+
+    @cached_property
+    def digest(self) -> str:
+        return model_digest(self.run_dir)
+
+
+def cached_export(
+    run: LoadedRun, fmt: str, cache_dir: Path, say: Callable[[str], None] | None = None
+) -> Path:
+    """The run exported to ``fmt`` under ``cache_dir/exports``, exporting once per distinct model and TTA.
+
+    With ``run.features`` the engine's graph also outputs the pooled features (model_wrappers.WithFeatures)."""
+    meta = run.meta
+    described = json.dumps(
+        [
+            meta["architecture"],
+            meta["class_names"],
+            meta["preprocessing"],
+            meta["tta"],
+            meta.get("temperature", 1.0),
+            meta.get("reject"),
+            run.features,
+            __version__,
+        ]
+    )
+    key = hashlib.sha256((run.digest + described).encode()).hexdigest()[:20]
+    path = Path(cache_dir) / "exports" / f"{meta['architecture']}-{key}" / FILE_NAMES[fmt]
+    if path.is_file():
+        return path
+    if say is not None:
+        say(f"exporting the model to {fmt} once (cached in {path.parent})")
+    write_export(run.model, meta, fmt, path, run.digest)
+    _check_against_torch(run.model, meta, fmt, path)
+    return path
+
+
+def _check_against_torch(model: torch.nn.Module, meta: dict, fmt: str, path: Path) -> None:
+    """A cheap guard for on-the-fly exports: fp32 logits on a fixed input must match PyTorch's."""
+    size = int(meta["preprocessing"]["crop_size"])
+    batch = np.random.default_rng(0).standard_normal((2, 3, size, size)).astype(np.float32)
+    reference = TorchBackend(model, "fp32")(batch)
+    exported = load_exported(fmt, path, "fp32")(batch)
+    tolerance = 1e-3 * (1.0 + float(np.abs(reference).max()))
+    if float(np.abs(reference - exported).max()) > tolerance:
+        shutil.rmtree(path.parent, ignore_errors=True)
+        raise ExportError(f"the {fmt} export of {meta['architecture']} does not reproduce PyTorch's logits")
+
+
+# int8: OpenVINO IR quantized by NNCF, calibrated on the run's training images, kept only where it agrees.
+INT8_MIN_AGREEMENT = 0.99
+INT8_CALIBRATION_IMAGES = 300
+INT8_CHECK_IMAGES = 200
+
+
+def cached_int8_export(
+    run: LoadedRun, cache_dir: Path, say: Callable[[str], None] | None = None
+) -> tuple[Path, str]:
+    """(int8 IR, one-line summary of its agreement with fp32); quantizes once per model, refuses if it disagrees.
+
+    Calibration uses up to 300 training images of the run's own data; the check uses up to 200
+    validation images, and the int8 model is kept only if its top-1 matches fp32 on >= 99% of them.
+    The verdict is cached either way, so a refused model is not quantized again on every load.
+    """
+    fp32_ir = cached_export(run, "openvino", cache_dir, say)
+    path, verdict_path = fp32_ir.with_name("model-int8.xml"), fp32_ir.with_name("model-int8.json")
+    if verdict_path.is_file():
+        verdict = json.loads(verdict_path.read_text())
+        if not verdict["kept"]:
+            raise ExportError(verdict["summary"])
+        if path.is_file():
+            return path, verdict["summary"]
+    try:
+        import nncf
+    except ImportError:
+        raise ExportError("--precision int8 needs NNCF: pip install nncf") from None
+    model, meta = run.model, run.meta
+    transform = Preprocessing.from_dict(meta["preprocessing"]).eval_transform()
+    classes = len(meta["class_names"])  # the logits; any columns after them are features
+
+    def batch_of(split: str, count: int, purpose: str) -> np.ndarray:
+        tensors = [transform(image) for _, image in run_images(meta, split, count, purpose)]
+        if not tensors:
+            raise ExportError(f"no readable {split} image in {meta['data']['path']} to {purpose}")
+        return torch.stack(tensors).numpy()
+
+    calibration = batch_of("train", INT8_CALIBRATION_IMAGES, "calibrate int8 on")
+    check = batch_of("val", INT8_CHECK_IMAGES, "check int8 against fp32 on")
+    if say is not None:
+        say(
+            f"quantizing to int8 once: calibrating on {len(calibration)} training images (cached in {path.parent})"
+        )
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".int8-") as workdir:
+        staged = Path(workdir) / path.name
+        _quantize(nncf, fp32_ir, calibration, staged)
+        threads = max(1, torch.get_num_threads())
+        reference = TorchBackend(model, "fp32")(check)
+        quantized = np.concatenate(
+            [
+                OpenVinoBackend(staged, threads, "int8")(chunk)
+                for chunk in np.array_split(check, max(1, len(check) // 32))
+            ]
+        )
+        quantized, reference = quantized[:, :classes], reference[:, :classes]
+        agreement = float((quantized.argmax(1) == reference.argmax(1)).mean())
+        kept = agreement >= INT8_MIN_AGREEMENT
+        summary = (
+            f"int8 agreed with fp32 on {agreement:.1%} of {len(check)} validation images "
+            f"(max |logit difference| {float(np.abs(quantized - reference).max()):.2f})"
+        )
+        if not kept:
+            summary += f": below the {INT8_MIN_AGREEMENT:.0%} needed, so it is not used; use --precision fp32 or bf16"
+        if kept:
+            os.replace(staged.with_suffix(".bin"), path.with_suffix(".bin"))
+            os.replace(staged, path)
+    atomic_write_json(
+        verdict_path, {"kept": kept, "agreement": agreement, "images": len(check), "summary": summary}
+    )
+    if not kept:
+        raise ExportError(summary)
+    return path, summary
+
+
+def _quantize(nncf, fp32_ir: Path, calibration: np.ndarray, out: Path) -> None:
+    """NNCF post-training quantization of the fp32 IR; its progress bars and logs kept off stdout."""
+    import openvino as ov
+
+    logger = logging.getLogger("nncf")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            quantized = nncf.quantize(
+                ov.Core().read_model(str(fp32_ir)),
+                nncf.Dataset([calibration[i : i + 1] for i in range(len(calibration))]),
+                subset_size=len(calibration),
+                preset=nncf.QuantizationPreset.PERFORMANCE,
+            )
+    finally:
+        logger.setLevel(level)
+    ov.save_model(quantized, str(out), compress_to_fp16=False)
