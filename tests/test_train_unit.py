@@ -147,3 +147,23 @@ def test_wise_ft_share_is_checked():
 
     with pytest.raises(ConfigError, match="wise-ft"):
         TrainConfig(data="x", wise_ft=1.5).validate()
+
+
+def test_damaged_resume_weights_are_a_run_folder_error(unordered_classes, tmp_path):
+    """A truncated start.safetensors (--wise-ft) or epoch file stops a resume with one clear error, not a
+    safetensors traceback; an interpolation between weights of different shapes is refused the same way."""
+    from resfit.train import resume
+    from resfit.train.recipe import interpolate_weights
+
+    run = tmp_path / "run"
+    train(small_config(unordered_classes, run, epochs=1, wise_ft=0.5), say=lambda _: None)
+    start = run / "resume" / "start.safetensors"
+    start.write_bytes(start.read_bytes()[:100])
+    with pytest.raises(RunFolderError, match="start.safetensors"):
+        resume(run, say=lambda _: None)
+    epoch = run / "resume" / "epoch-1.safetensors"
+    epoch.write_bytes(b"")
+    with pytest.raises(RunFolderError, match="epoch-1.safetensors"):
+        resume(run, say=lambda _: None)
+    with pytest.raises(RunFolderError, match="fc.weight"):
+        interpolate_weights({"fc.weight": torch.zeros(2, 3)}, {"fc.weight": torch.zeros(3, 3)}, 0.5)

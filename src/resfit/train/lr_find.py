@@ -377,7 +377,3 @@ def describe(result: RangeTest) -> str:
     if result.fallback:
         return f"lr range test ({where}): {result.reason}"
     return f"lr range test ({where}): suggested lr {result.suggestion:.2e} ({result.reason})"
-
-
-def _print(message: str) -> None:
-    print(message, flush=True)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, RunFolderError
 from ..vision import torchvision  # noqa: F401 - registers the import shim before transforms.v2
 
 BALANCE_MODES = ("auto", "none", "sampler", "loss")
@@ -111,7 +111,12 @@ def interpolate_weights(
     if not 0 <= share <= 1:
         raise ConfigError(f"wise-ft must be in [0, 1], got {share}")
     if start.keys() != end.keys():
-        raise ConfigError("wise-ft: the head-stage and fine-tuned weights have different tensors")
+        raise RunFolderError("wise-ft: the head-stage and fine-tuned weights have different tensors")
+    mismatched = [name for name, value in end.items() if start[name].shape != value.shape]
+    if mismatched:
+        raise RunFolderError(
+            f"wise-ft: the head-stage and fine-tuned weights differ in shape at {', '.join(mismatched[:3])}"
+        )
     return {
         name: torch.lerp(start[name].to(value), value, share) if value.is_floating_point() else value.clone()
         for name, value in end.items()

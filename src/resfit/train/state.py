@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -126,8 +127,15 @@ def load_state(run_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
             f"{run_dir} has no resume state ({RESUME_DIR}/{STATE_JSON}): it never finished an epoch"
         )
     state = json.loads(state_path.read_text())
-    tensors = load_file(str(folder / state["tensors"]))
-    return state, tensors
+    return state, _read_tensors(folder / state["tensors"])
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A resume file's tensors; a missing, truncated or foreign file is a run-folder error, not a traceback."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise RunFolderError(f"{path}: not a readable safetensors file ({error})") from None
 
 
 def restore(
@@ -159,4 +167,4 @@ def load_start_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     path = Path(run_dir) / RESUME_DIR / START_WEIGHTS
     if not path.is_file():
         raise RunFolderError(f"{path} is missing: --wise-ft needs the weights fine-tuning started from")
-    return load_file(str(path))
+    return _read_tensors(path)
