@@ -8,9 +8,12 @@ at 224 px, so every backend goes through the same path as `resfit predict` (Clas
 export to the cache). Throughput is images/s at the given batch on real photos (hymenoptera val),
 the median of --repeats rounds; the configurations take turns within each round, so a noisy moment
 hits all of them alike. Top-1 agreement and max |logit difference| are against eager fp32 PyTorch on
-hymenoptera photos (train + val: --score-images of the ~400, evenly spaced; 0 = all), a stricter test with
-a 10-class head than with 2 classes. int8 (opt-in, `--precision int8`) is calibrated on the train photos, so
-its agreement includes them. On a CPU without native bf16 the bf16 configurations (emulated, several times
+hymenoptera photos (train + val: --score-images of the ~400, evenly spaced; 0 = all) and every
+--flowers-every-th flowers5 photo, a stricter test with a 10-class head than with 2 or 5 classes. The last
+row is what `resfit serve` and batch `predict` load (auto with gated int8 timed too where bf16 is
+emulated). int8 is calibrated on hymenoptera train photos, so its agreement includes them.
+ONNX Runtime ignores the AVX2 stand-in (benchmarks/isa_cap.py): under it, `--hide onnxruntime` keeps it
+out of auto's candidates, so that the default's figure is an AVX2 figure (its own row is still timed). On a CPU without native bf16 the bf16 configurations (emulated, several times
 slower than fp32) are left out unless --emulated asks for them. The JSON (machine, commit, command, rows)
 goes to benchmarks/results/ unless --json names another file.
 """
@@ -122,12 +125,14 @@ def images_per_second(run_batch, batch: np.ndarray, calls: int) -> float:
     return calls * len(batch) / (time.perf_counter() - started)
 
 
-def load_photos(classifier: Classifier, count: int) -> tuple[list[str], np.ndarray]:
-    """``count`` hymenoptera photos spaced evenly over the sorted list (0: all of them)."""
-    root = SHARED / "data" / "hymenoptera"
-    paths = sorted(str(p) for p in root.rglob("*.jpg"))
+def load_photos(classifier: Classifier, count: int, flowers_every: int) -> tuple[list[str], np.ndarray]:
+    """The shared photos the agreement is scored on: ``count`` hymenoptera photos spaced evenly over the
+    sorted list (0: all ~400), and every ``flowers_every``-th flowers5 photo (0: none)."""
+    paths = sorted(str(p) for p in (SHARED / "data" / "hymenoptera").rglob("*.jpg"))
     if 0 < count < len(paths):
         paths = [paths[round(i * len(paths) / count)] for i in range(count)]
+    if flowers_every:
+        paths += sorted(str(p) for p in (SHARED / "data" / "flowers5").rglob("*.jpg"))[::flowers_every]
     return paths, classifier.preprocess(paths)
 
 
@@ -139,13 +144,22 @@ def bench_arch(arch: str, args, work: Path) -> dict:
     cache = work / "cache"
     auto = Classifier.load(run, config=InferenceConfig(cache_dir=str(cache)))
     print(f"\n== {arch} @224, batch {args.batch} ==  auto: {auto.choice.describe()}", flush=True)
-    paths, photos = load_photos(auto, args.score_images)
+    # What `resfit serve` and batch `predict` load: auto, with gated int8 timed too where bf16 is emulated.
+    serving = Classifier.load(run, config=InferenceConfig(cache_dir=str(cache), int8_when_safe=True))
+    print(f"serve / batch predict: {serving.choice.describe()}", flush=True)
+    paths, photos = load_photos(auto, args.score_images, args.flowers_every)
     batch = photos[: args.batch]
     with_bf16 = cpu.native_bf16 or args.emulated
     if not with_bf16:
         print("bf16 configurations left out: this CPU has no native bf16 (--emulated times them)", flush=True)
     configs = configurations(run, cache, threads, with_bf16)
     configs.append(Config(f"auto -> {auto.choice.name} {auto.choice.precision}", lambda: auto.logits))
+    configs.append(
+        Config(
+            f"serve/batch predict -> {serving.choice.name} {serving.choice.precision}",
+            lambda: serving.logits,
+        )
+    )
     runners = {c.label: c.make() for c in configs}
     for runner in runners.values():  # warm-up: first calls compile kernels / allocate
         runner(batch)
@@ -177,14 +191,27 @@ def bench_arch(arch: str, args, work: Path) -> dict:
             }
         )
     print_table(rows, len(paths))
-    auto_row = rows[-1]
+    auto_row = rows[-2]
     print(
         f"{arch}: default backend ({auto.choice.name} {auto.choice.precision}) / eager fp32 = "
         f"{auto_row['speedup']:.2f}x ({auto_row['images_per_s']:.1f} vs {base:.1f} images/s), "
         f"top-1 agreement {auto_row['top1_agreement']:.2%} on {len(paths)} photos",
         flush=True,
     )
-    return {"arch": arch, "auto": auto.choice.describe(), "rows": rows, "photos": len(paths)}
+    serve_row = rows[-1]
+    print(
+        f"{arch}: serve / batch predict ({serving.choice.name} {serving.choice.precision}) / eager fp32 = "
+        f"{serve_row['speedup']:.2f}x, top-1 agreement {serve_row['top1_agreement']:.2%} on {len(paths)} photos",
+        flush=True,
+    )
+    return {
+        "arch": arch,
+        "auto": auto.choice.describe(),
+        "serve_and_batch_predict": serving.choice.describe(),
+        "rows": rows,
+        "photos": len(paths),
+        "photo_sets": {"hymenoptera": args.score_images or "all", "flowers5_every": args.flowers_every},
+    }
 
 
 def print_table(rows: list[dict], photos: int) -> None:
@@ -198,7 +225,7 @@ def print_table(rows: list[dict], photos: int) -> None:
             f"{row['top1_agreement']:>11.2%} {row['max_abs_logit_diff']:>11.2e}"
             + ("  (ignores the ISA cap: not an AVX2 figure)" if row["ignores_isa_cap"] else "")
         )
-    print(f"(top-1 agreement and logit difference vs eager fp32 on {photos} hymenoptera photos)")
+    print(f"(top-1 agreement and logit difference vs eager fp32 on {photos} shared photos)")
 
 
 def main() -> None:
@@ -212,12 +239,25 @@ def main() -> None:
     parser.add_argument(
         "--score-images", type=int, default=200, help="photos the agreement is scored on (0 = all ~400)"
     )
+    parser.add_argument(
+        "--flowers-every", type=int, default=8, help="also score every N-th flowers5 photo (0 = none)"
+    )
     parser.add_argument("--emulated", action="store_true", help="also time bf16 on a CPU without native bf16")
     parser.add_argument(
         "--json", help="where the results go (default benchmarks/results/inference_backends-*.json)"
     )
+    parser.add_argument(
+        "--hide", default="", help="engines auto must not pick (comma-separated; e.g. onnxruntime)"
+    )
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
+    hidden = {name.strip() for name in args.hide.split(",") if name.strip()}
+    if hidden:
+        import resfit.inference.engines as engines
+
+        installed = engines.is_available
+        engines.is_available = lambda name: name not in hidden and installed(name)
+        print(f"auto's candidates leave out: {', '.join(sorted(hidden))} (--hide)")
     import onnxruntime
     import openvino
 
@@ -244,6 +284,7 @@ def main() -> None:
         "src_dirty": bool(dirty.stdout.strip()),
         "cpu": cpu.describe(),
         "isa_limits": {k: os.environ.get(k) for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")},
+        "hidden_from_auto": sorted(hidden),
         "results": results,
     }
     out.parent.mkdir(parents=True, exist_ok=True)

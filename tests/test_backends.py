@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -161,7 +162,11 @@ def test_int8_is_calibrated_once_checked_and_cached(tiny_run, tiny_imagefolder, 
     config = InferenceConfig(backend="openvino", precision="int8", cache_dir=str(tmp_path))
     classifier = Classifier.load(tiny_run, config=config)
     assert (classifier.choice.name, classifier.choice.precision) == ("openvino", "int8")
-    assert "agreed with fp32 on 100.0% of 12 validation images" in classifier.describe()
+    # checked on validation images and on training images it was not calibrated on (24 train: 12 + 12)
+    assert (
+        "agreed with fp32 on 100.0% of 12 validation images and 100.0% of 12 training images"
+        in classifier.describe()
+    )
     int8_ir = next(tmp_path.glob("exports/*/model-int8.xml"))
     stamp = int8_ir.stat().st_mtime_ns
     again = Classifier.load(tiny_run, config=config)
@@ -185,6 +190,49 @@ def test_int8_that_disagrees_with_fp32_is_refused_and_not_retried(tiny_run, tmp_
     monkeypatch.setattr(export_module, "_quantize", must_not_run)
     with pytest.raises(ExportError, match="not used"):
         Classifier.load(tiny_run, config=config)
+
+
+def _as_cpu(monkeypatch, cpu: CpuInfo) -> None:
+    import resfit.hardware as hardware
+
+    monkeypatch.setattr(hardware, "detect_cpu", lambda: cpu)
+
+
+def test_int8_joins_auto_where_bf16_is_emulated_and_only_if_it_passes(tiny_run, tmp_path, monkeypatch):
+    """Serve/batch predict on an AVX2 CPU: gated int8 is timed beside the fp32 engines and kept if fastest."""
+    import resfit.inference.export_cache as export_module
+
+    _as_cpu(monkeypatch, EPYC_AVX2)
+    config = InferenceConfig(cache_dir=str(tmp_path), int8_when_safe=True)
+    classifier = Classifier.load(tiny_run, config=config)
+    figures = json.loads(next((tmp_path / "engine-timings").glob("*.json")).read_text())["images_per_second"]
+    assert set(figures) == {"openvino-int8", "openvino", "onnxruntime", "torch"}
+    fastest = max(figures, key=figures.get)
+    chosen = (classifier.choice.name, classifier.choice.precision)
+    assert chosen == (("openvino", "int8") if fastest == "openvino-int8" else (fastest, "fp32"))
+    assert "int8 agreed with fp32 on 100.0% of 12 validation images" in classifier.describe()
+    # Where int8 is the fastest measured, auto runs it and says so.
+    monkeypatch.setattr(
+        "resfit.inference.classifier.read_measurement", lambda path: {**figures, "openvino-int8": 1e9}
+    )
+    int8 = Classifier.load(tiny_run, config=config)
+    assert (int8.choice.name, int8.choice.precision) == ("openvino", "int8")
+    assert "passed its gate" in int8.describe() and "--precision fp32" in int8.describe()
+    # Without the flag, with an explicit precision, or on a CPU with native bf16, int8 is never considered.
+    for other, cpu in [
+        (InferenceConfig(cache_dir=str(tmp_path)), EPYC_AVX2),
+        (replace(config, precision="fp32"), EPYC_AVX2),
+        (config, ZEN5),
+    ]:
+        _as_cpu(monkeypatch, cpu)
+        loaded = Classifier.load(tiny_run, config=other)
+        assert loaded.choice.precision != "int8" and "int8" not in loaded.describe(), other
+    # A model that fails the gate runs in fp32, and the line says why int8 was not used.
+    _as_cpu(monkeypatch, EPYC_AVX2)
+    monkeypatch.setattr(export_module, "INT8_MIN_AGREEMENT", 1.01)
+    monkeypatch.setattr(export_module, "INT8_GATE", {**export_module.INT8_GATE, "min_agreement": 1.01})
+    refused = Classifier.load(tiny_run, config=config)
+    assert refused.choice.precision == "fp32" and "int8 not used: int8 agreed" in refused.describe()
 
 
 def test_time_engines_ranks_engines_measured_side_by_side():
@@ -227,3 +275,25 @@ def test_auto_times_the_engines_once_then_keeps_the_fastest(tiny_run, tmp_path, 
     # An explicit backend is never timed.
     explicit = Classifier.load(tiny_run, config=InferenceConfig(backend="torch", cache_dir=str(tmp_path)))
     assert explicit.choice.name == "torch" and "asked for" in explicit.choice.reason
+
+
+def test_serve_and_batch_predict_consider_int8_a_few_images_do_not(
+    tiny_run, tiny_imagefolder, tmp_path, monkeypatch, capsys
+):
+    import resfit.serve as serve_module
+    from resfit.cli import PREDICT_INT8_MIN_IMAGES, main
+
+    _as_cpu(monkeypatch, EPYC_AVX2)
+    monkeypatch.setenv("RESFIT_CACHE", str(tmp_path))
+    photos = sorted(str(p) for p in tiny_imagefolder.rglob("*.png"))
+    assert len(photos) >= PREDICT_INT8_MIN_IMAGES
+    assert main(["predict", str(tiny_run), *photos[:2]]) == 0
+    assert "int8" not in capsys.readouterr().err
+    assert main(["predict", str(tiny_run), str(tiny_imagefolder)]) == 0
+    out, err = capsys.readouterr()
+    assert "openvino-int8" in err and "int8 agreed with fp32" in err
+    assert len(out.strip().splitlines()) == len(photos)
+    served = []
+    monkeypatch.setattr(serve_module, "run_server", lambda classifier, *args: served.append(classifier))
+    assert main(["serve", str(tiny_run), "--port", "8765"]) == 0
+    assert len(served) == 1 and "openvino-int8" in served[0].describe()

@@ -14,12 +14,13 @@ from PIL import Image
 from ..data.images import open_rgb
 from ..data.scan import default_cache_dir
 from ..data.transforms import Preprocessing
-from ..errors import ImageReadError
+from ..errors import ExportError, ImageReadError
 from ..evaluate import softmax
 from ..hardware import Runtime, apply_threads, resolve_runtime
 from ..rejection import UNKNOWN, RejectRule, needs_features, split_output
 from ..runfolder import read_meta
 from .engines import (
+    INT8_ENGINE,
     MEASURE_BATCH,
     BackendChoice,
     OnnxRuntimeBackend,
@@ -27,6 +28,7 @@ from .engines import (
     TorchBackend,
     choose_backend,
     describe_measurement,
+    is_available,
     measurable_engines,
     measurement_path,
     read_measurement,
@@ -101,6 +103,9 @@ class InferenceConfig:
     cache_dir: str | None = None  # on-the-fly exports; default $RESFIT_CACHE or ~/.cache/resfit
     tta: str | None = None  # test-time augmentation: None = the run's stored setting (see runfolder.with_tta)
     reject: bool = True  # apply the run's "unknown" rule (model.json "reject"), if it has one
+    # auto on a CPU without native bf16 may also time gated int8 (OpenVINO) and keep it if fastest: worth its
+    # one-time quantization for serve and batch predict (the CLI sets it there); the default stays fp32-exact
+    int8_when_safe: bool = False
 
 
 class Classifier:
@@ -164,7 +169,14 @@ class Classifier:
         model, meta = run.model, run.meta
         cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
 
+        int8_ir, int8_note = None, ""
+        if config.int8_when_safe and config.backend == "auto" and config.precision == "auto":
+            if runtime.device == "cpu" and choice.precision == "fp32":
+                int8_ir, int8_note = _gated_int8(run, cache_dir, say)
+
         def engine(name: str, engine_precision: str):
+            if name == INT8_ENGINE:
+                return OpenVinoBackend(int8_ir, runtime.threads, "int8", choice.performance_hint)
             if name == "onnxruntime":
                 return OnnxRuntimeBackend(cached_export(run, "onnx", cache_dir, say), runtime.threads)
             if name == "openvino":
@@ -173,12 +185,24 @@ class Classifier:
             return TorchBackend(model, engine_precision, runtime.device)
 
         if config.backend == "auto" and runtime.device == "cpu" and choice.precision != "int8":
-            name, reason, built = _fastest_engine(engine, choice.precision, run, runtime, cache_dir, say)
-            precision_reason = choice.reason.partition("; ")[2]  # what follows the rule's own "why"
-            choice = replace(choice, name=name, reason="; ".join(filter(None, [reason, precision_reason])))
+            name, measured, built = _fastest_engine(
+                engine, choice.precision, run, runtime, cache_dir, say, int8_ir
+            )
             backend_engine = built or engine(name, choice.precision)
+            precision_reason = choice.reason.partition("; ")[2]  # what follows the rule's own "why"
+            if name == INT8_ENGINE:
+                name, choice = "openvino", replace(choice, precision="int8")
+                precision_reason = (
+                    "int8 because bf16 would be emulated on this CPU and int8 passed its gate "
+                    "(--precision fp32 for exact fp32 results)"
+                )
+            reason = "; ".join(filter(None, [measured, precision_reason, int8_note]))
+            choice = replace(choice, name=name, reason=reason)
         elif choice.name == "openvino" and choice.precision == "int8":
-            ir, summary = cached_int8_export(run, cache_dir, say)
+            try:
+                ir, summary = cached_int8_export(run, cache_dir, say)
+            except ExportError as error:
+                raise ExportError(f"{error}; use --precision fp32 or bf16") from None
             backend_engine = OpenVinoBackend(ir, runtime.threads, "int8", choice.performance_hint)
             choice = replace(choice, reason=f"{choice.reason}; {summary}")
         else:
@@ -288,19 +312,33 @@ class Classifier:
             yield from flush()
 
 
-def _fastest_engine(engine, precision, run: LoadedRun, runtime, cache_dir, say) -> tuple[str, str, object]:
+def _gated_int8(run: LoadedRun, cache_dir: Path, say) -> tuple[Path | None, str]:
+    """(int8 IR or None, what its gate said): the int8 candidate ``auto`` may time where bf16 is emulated."""
+    if not is_available("openvino"):
+        return None, ""
+    try:
+        return cached_int8_export(run, cache_dir, say)
+    except ExportError as error:
+        return None, f"int8 not used: {error}"
+
+
+def _fastest_engine(
+    engine, precision, run: LoadedRun, runtime, cache_dir, say, int8_ir: Path | None = None
+) -> tuple[str, str, object]:
     """(engine name, why, the engine if it was built here): ``auto`` times every installed engine once per
     model and machine, then remembers the figures.
 
     The first load of a model on a CPU exports it to each format (once; cached) and times each engine for
-    about MEASURE_SECONDS on a batch of the run's own input size; later loads read the figures back.
+    about MEASURE_SECONDS on a batch of the run's own input size; later loads read the figures back. A
+    gated int8 IR (``int8_ir``) joins the candidates as INT8_ENGINE.
     """
-    candidates = measurable_engines(precision)
+    candidates = measurable_engines(precision) + ([INT8_ENGINE] if int8_ir is not None else [])
+    label = f"{precision} or int8" if int8_ir is not None else precision
     if len(candidates) == 1:
         return candidates[0], "the only engine installed for this precision", None
     size = int(run.meta["preprocessing"]["crop_size"])
     model_key = f"{run.digest}:{run.meta.get('tta', 'none')}:{size}"
-    path = measurement_path(cache_dir, runtime.cpu, runtime.threads, precision, model_key)
+    path = measurement_path(cache_dir, runtime.cpu, runtime.threads, label, model_key)
     figures = read_measurement(path)
     cached = figures is not None and set(figures) == set(candidates)
     built = {}
@@ -312,7 +350,7 @@ def _fastest_engine(engine, precision, run: LoadedRun, runtime, cache_dir, say) 
         figures = time_engines(built, batch)
         write_measurement(path, figures, runtime.cpu, runtime.threads)
     fastest = max(figures, key=figures.get)
-    return fastest, describe_measurement(figures, precision, runtime.threads, cached), built.get(fastest)
+    return fastest, describe_measurement(figures, label, runtime.threads, cached), built.get(fastest)
 
 
 def expand_inputs(inputs: Iterable[str]) -> list[str]:

@@ -36,13 +36,17 @@ BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
 BACKEND_PRECISIONS = ("auto", "fp32", "bf16", "int8")
 PERFORMANCE_HINTS = ("LATENCY", "THROUGHPUT")
 # Which precisions each backend can run on CPU.
-# int8 is opt-in: it needs the run's images to calibrate on and is kept only where it agrees with fp32.
+# int8 needs the run's images to calibrate on and is kept only where it agrees with fp32: asked for, or
+# timed by auto among the fp32 engines where bf16 is emulated (INT8_ENGINE).
 SUPPORTED_PRECISIONS = {
     "torch": ("fp32", "bf16"),
     "onnxruntime": ("fp32",),
     "openvino": ("fp32", "bf16", "int8"),
 }
 _PIP_NAMES = {"onnxruntime": "onnxruntime", "openvino": "openvino"}
+# The gated int8 OpenVINO IR as one more engine for auto to time (only where bf16 is emulated, and only for
+# serve and batch predict: InferenceConfig.int8_when_safe).
+INT8_ENGINE = "openvino-int8"
 
 
 @dataclass(frozen=True)

@@ -137,9 +137,28 @@ def _check_against_torch(model: torch.nn.Module, meta: dict, fmt: str, path: Pat
 
 
 # int8: OpenVINO IR quantized by NNCF, calibrated on the run's training images, kept only where it agrees.
-INT8_MIN_AGREEMENT = 0.99
+# The gate is checked on validation images and on training images that were not calibrated on, each alone:
+# top-1 must match fp32 on >= 99.5% of both (at most 1 image in 200 flips). The classifier head (the
+# MatMul) stays in fp32: quantizing it moved logits by up to 1.2 and flipped 1.3% of the hymenoptera photos
+# with the ResNet-50 source's 10-class head, against 0.47 and 0.8% when it stays fp32 (issue #17).
+INT8_MIN_AGREEMENT = 0.995
 INT8_CALIBRATION_IMAGES = 300
-INT8_CHECK_IMAGES = 200
+INT8_CHECK_IMAGES = 200  # per split checked (validation, training)
+INT8_GATE = {
+    "min_agreement": INT8_MIN_AGREEMENT,
+    "checked_on": ["val", "train"],
+    "head": "fp32",
+    "version": 2,
+}
+
+
+def int8_split(train: list, calibration: int = INT8_CALIBRATION_IMAGES, check: int = INT8_CHECK_IMAGES):
+    """(calibration images, training images to check on), disjoint: with enough images the first
+    ``calibration`` calibrate and the next ``check`` are checked; with fewer they alternate, so both
+    halves keep every class (``run_images`` yields the classes in turn)."""
+    if len(train) >= calibration + check:
+        return train[:calibration], train[calibration : calibration + check]
+    return train[0::2], train[1::2]
 
 
 def cached_int8_export(
@@ -147,63 +166,74 @@ def cached_int8_export(
 ) -> tuple[Path, str]:
     """(int8 IR, one-line summary of its agreement with fp32); quantizes once per model, refuses if it disagrees.
 
-    Calibration uses up to 300 training images of the run's own data; the check uses up to 200
-    validation images, and the int8 model is kept only if its top-1 matches fp32 on >= 99% of them.
-    The verdict is cached either way, so a refused model is not quantized again on every load.
+    Costs about as much as scoring ~700 images once (300 to calibrate, up to 400 checked through PyTorch
+    fp32 and int8), then nothing: the verdict is cached either way, so a refused model is not quantized again.
     """
     fp32_ir = cached_export(run, "openvino", cache_dir, say)
     path, verdict_path = fp32_ir.with_name("model-int8.xml"), fp32_ir.with_name("model-int8.json")
     if verdict_path.is_file():
         verdict = json.loads(verdict_path.read_text())
-        if not verdict["kept"]:
-            raise ExportError(verdict["summary"])
-        if path.is_file():
-            return path, verdict["summary"]
+        if verdict.get("gate") == INT8_GATE:
+            if not verdict["kept"]:
+                raise ExportError(verdict["summary"])
+            if path.is_file():
+                return path, verdict["summary"]
     try:
         import nncf
     except ImportError:
-        raise ExportError("--precision int8 needs NNCF: pip install nncf") from None
+        raise ExportError("int8 needs NNCF: pip install nncf") from None
     model, meta = run.model, run.meta
     transform = Preprocessing.from_dict(meta["preprocessing"]).eval_transform()
     classes = len(meta["class_names"])  # the logits; any columns after them are features
 
-    def batch_of(split: str, count: int, purpose: str) -> np.ndarray:
-        tensors = [transform(image) for _, image in run_images(meta, split, count, purpose)]
-        if not tensors:
+    def images_of(split: str, count: int, purpose: str) -> list:
+        images = [transform(image) for _, image in run_images(meta, split, count, purpose)]
+        if not images:
             raise ExportError(f"no readable {split} image in {meta['data']['path']} to {purpose}")
-        return torch.stack(tensors).numpy()
+        return images
 
-    calibration = batch_of("train", INT8_CALIBRATION_IMAGES, "calibrate int8 on")
-    check = batch_of("val", INT8_CHECK_IMAGES, "check int8 against fp32 on")
+    train = images_of("train", INT8_CALIBRATION_IMAGES + INT8_CHECK_IMAGES, "calibrate int8 on")
+    calibration, train_check = (torch.stack(part).numpy() for part in int8_split(train))
+    checks = {
+        "validation": torch.stack(images_of("val", INT8_CHECK_IMAGES, "check int8 against fp32 on")).numpy(),
+        "training": train_check,
+    }
     if say is not None:
         say(
-            f"quantizing to int8 once: calibrating on {len(calibration)} training images (cached in {path.parent})"
+            f"quantizing to int8 once: calibrating on {len(calibration)} training images, checking against "
+            f"fp32 on {sum(map(len, checks.values()))} others (cached in {path.parent})"
         )
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".int8-") as workdir:
         staged = Path(workdir) / path.name
         _quantize(nncf, fp32_ir, calibration, staged)
-        threads = max(1, torch.get_num_threads())
-        reference = TorchBackend(model, "fp32")(check)
-        quantized = np.concatenate(
-            [
-                OpenVinoBackend(staged, threads, "int8")(chunk)
-                for chunk in np.array_split(check, max(1, len(check) // 32))
-            ]
-        )
-        quantized, reference = quantized[:, :classes], reference[:, :classes]
-        agreement = float((quantized.argmax(1) == reference.argmax(1)).mean())
-        kept = agreement >= INT8_MIN_AGREEMENT
+        engine = OpenVinoBackend(staged, max(1, torch.get_num_threads()), "int8")
+        agreements, worst = {}, 0.0
+        for split, images in checks.items():
+            reference = TorchBackend(model, "fp32")(images)[:, :classes]
+            quantized = np.concatenate([engine(images[i : i + 32]) for i in range(0, len(images), 32)])
+            quantized = quantized[:, :classes]
+            agreements[split] = float((quantized.argmax(1) == reference.argmax(1)).mean())
+            worst = max(worst, float(np.abs(quantized - reference).max()))
+        kept = min(agreements.values()) >= INT8_MIN_AGREEMENT
         summary = (
-            f"int8 agreed with fp32 on {agreement:.1%} of {len(check)} validation images "
-            f"(max |logit difference| {float(np.abs(quantized - reference).max()):.2f})"
+            "int8 agreed with fp32 on "
+            + " and ".join(f"{agreements[s]:.1%} of {len(checks[s])} {s} images" for s in checks)
+            + f" (max |logit difference| {worst:.2f})"
         )
         if not kept:
-            summary += f": below the {INT8_MIN_AGREEMENT:.0%} needed, so it is not used; use --precision fp32 or bf16"
+            summary += f": below the {INT8_MIN_AGREEMENT:.1%} needed on each, so it is not used"
         if kept:
             os.replace(staged.with_suffix(".bin"), path.with_suffix(".bin"))
             os.replace(staged, path)
     atomic_write_json(
-        verdict_path, {"kept": kept, "agreement": agreement, "images": len(check), "summary": summary}
+        verdict_path,
+        {
+            "kept": kept,
+            "agreement": agreements,
+            "images": {s: len(v) for s, v in checks.items()},
+            "gate": INT8_GATE,
+            "summary": summary,
+        },
     )
     if not kept:
         raise ExportError(summary)
@@ -224,6 +254,8 @@ def _quantize(nncf, fp32_ir: Path, calibration: np.ndarray, out: Path) -> None:
                 nncf.Dataset([calibration[i : i + 1] for i in range(len(calibration))]),
                 subset_size=len(calibration),
                 preset=nncf.QuantizationPreset.PERFORMANCE,
+                # the classifier head stays fp32 (see INT8_GATE); no MatMul at all is not an error
+                ignored_scope=nncf.IgnoredScope(types=["MatMul"], validate=False),
             )
     finally:
         logger.setLevel(level)
