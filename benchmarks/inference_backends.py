@@ -4,7 +4,7 @@
         [--emulated] [--score-images 200] [--json PATH]
 
 The models are the Imagenette sources in ../shared/weights (10 classes) written as resfit run folders
-at 224 px, so every backend goes through the same path as `resfit predict` (Classifier.load, on-the-fly
+at 224 px (and any trained run folders given with --runs, at their own size), so every backend goes through the same path as `resfit predict` (Classifier.load, on-the-fly
 export to the cache). Throughput is images/s at the given batch on real photos (hymenoptera val),
 the median of --repeats rounds; the configurations take turns within each round, so a noisy moment
 hits all of them alike. Top-1 agreement and max |logit difference| are against eager fp32 PyTorch on
@@ -136,18 +136,35 @@ def load_photos(classifier: Classifier, count: int, flowers_every: int) -> tuple
     return paths, classifier.preprocess(paths)
 
 
-def bench_arch(arch: str, args, work: Path) -> dict:
+def run_photos(run: Path, count: int) -> list[str]:
+    """Every photo of a trained run's own data folder (all splits), ``count`` evenly spaced if > 0."""
+    data = Path(json.loads((run / "model.json").read_text())["data"]["path"])
+    paths = sorted(str(p) for p in data.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    if 0 < count < len(paths):
+        paths = [paths[round(i * len(paths) / count)] for i in range(count)]
+    return paths
+
+
+def bench_arch(arch: str, args, work: Path, trained: Path | None = None) -> dict:
+    """One model side by side: the shared source as a 224 px run (``arch``), or a trained run folder."""
     cpu = detect_cpu()
     threads = cpu.physical_cores
     torch.set_num_threads(threads)
-    run = make_run(arch, work / "runs")
+    run = trained or make_run(arch, work / "runs")
     cache = work / "cache"
     auto = Classifier.load(run, config=InferenceConfig(cache_dir=str(cache)))
-    print(f"\n== {arch} @224, batch {args.batch} ==  auto: {auto.choice.describe()}", flush=True)
+    size = auto.preprocessing.crop_size
+    print(
+        f"\n== {trained or arch} @{size}, batch {args.batch} ==  auto: {auto.choice.describe()}", flush=True
+    )
     # What `resfit serve` and batch `predict` load: auto, with gated int8 timed too where bf16 is emulated.
     serving = Classifier.load(run, config=InferenceConfig(cache_dir=str(cache), int8_when_safe=True))
     print(f"serve / batch predict: {serving.choice.describe()}", flush=True)
-    paths, photos = load_photos(auto, args.score_images, args.flowers_every)
+    if trained is None:
+        paths, photos = load_photos(auto, args.score_images, args.flowers_every)
+    else:
+        paths = run_photos(trained, args.score_images)
+        photos = auto.preprocess(paths)
     batch = photos[: args.batch]
     with_bf16 = cpu.native_bf16 or args.emulated
     if not with_bf16:
@@ -206,6 +223,8 @@ def bench_arch(arch: str, args, work: Path) -> dict:
     )
     return {
         "arch": arch,
+        "run": str(trained) if trained else f"the shared {arch} source as a 224 px run",
+        "crop_size": size,
         "auto": auto.choice.describe(),
         "serve_and_batch_predict": serving.choice.describe(),
         "rows": rows,
@@ -233,6 +252,12 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--archs", default="resnet50,resnet101")
+    parser.add_argument(
+        "--runs",
+        default="",
+        help="also trained run folders (comma-separated), at their own size, scored on every photo of their "
+        "data (--score-images of them if > 0); --archs '' for these alone",
+    )
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5, help="rounds; the median is reported")
     parser.add_argument("--calls", type=int, default=2, help="batches timed per configuration per round")
@@ -271,7 +296,11 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory(prefix="resfit-bench-") as work:
         for arch in args.archs.split(","):
-            results.append(bench_arch(arch.strip(), args, Path(work)))
+            if arch.strip():
+                results.append(bench_arch(arch.strip(), args, Path(work)))
+        for trained in filter(None, args.runs.split(",")):
+            meta = json.loads((Path(trained) / "model.json").read_text())
+            results.append(bench_arch(meta["architecture"], args, Path(work), Path(trained)))
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = (
         Path(args.json) if args.json else REPO / "benchmarks" / "results" / f"inference_backends-{stamp}.json"

@@ -230,7 +230,6 @@ def test_int8_joins_auto_where_bf16_is_emulated_and_only_if_it_passes(tiny_run, 
     # A model that fails the gate runs in fp32, and the line says why int8 was not used.
     _as_cpu(monkeypatch, EPYC_AVX2)
     monkeypatch.setattr(export_module, "INT8_MIN_AGREEMENT", 1.01)
-    monkeypatch.setattr(export_module, "INT8_GATE", {**export_module.INT8_GATE, "min_agreement": 1.01})
     refused = Classifier.load(tiny_run, config=config)
     assert refused.choice.precision == "fp32" and "int8 not used: int8 agreed" in refused.describe()
 

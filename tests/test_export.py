@@ -199,9 +199,9 @@ def test_real_run_backends_agree_with_fp32_torch(real_run, shared_dir, tmp_path)
         try:
             classifier = Classifier.load(real_run, config=config)
         except ExportError as error:
-            # int8 is kept only if it matches fp32 on >= 99% of the validation split; this run has many
-            # near-ties (measured: 96.7% here), so a refusal that says why is a correct outcome too.
-            assert precision == "int8" and "below the 99% needed" in str(error)
+            # int8 is kept only if it matches fp32 on >= 99.5% of validation and of training images; this
+            # run has many near-ties (measured: 96.7% here), so a refusal that says why is a correct outcome too.
+            assert precision == "int8" and "below the 99.5% needed on each" in str(error)
             continue
         logits = classifier.logits(batch)
         agreement = float((logits.argmax(1) == expected.argmax(1)).mean())
