@@ -175,6 +175,17 @@ def test_int8_is_calibrated_once_checked_and_cached(tiny_run, tiny_imagefolder, 
     assert again.choice.precision == "int8" and again.predict(image, top_k=1)[0][0] in ("red", "blue")
 
 
+def test_a_damaged_int8_verdict_is_reached_again_not_a_traceback(tiny_run, tmp_path):
+    config = InferenceConfig(backend="openvino", precision="int8", cache_dir=str(tmp_path))
+    Classifier.load(tiny_run, config=config)
+    verdict = next(tmp_path.glob("exports/*/model-int8.json"))
+    for damaged in ("", '{"kept": tr', "[1, 2]", '{"other": 1}'):
+        verdict.write_text(damaged)
+        again = Classifier.load(tiny_run, config=config)
+        assert again.choice.precision == "int8", damaged
+        assert json.loads(verdict.read_text())["kept"] is True, damaged
+
+
 def test_int8_that_disagrees_with_fp32_is_refused_and_not_retried(tiny_run, tmp_path, monkeypatch):
     import resfit.inference.export_cache as export_module
 

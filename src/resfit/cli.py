@@ -458,7 +458,7 @@ def _say_stderr(message: str) -> None:
 
 
 # Batch predict (this many images or more) and serve may run gated int8 where bf16 is emulated: its one-time
-# quantization (about a minute for ResNet-50 on 2 cores) pays off there, not for a few images.
+# quantization and check (minutes where NNCF's accuracy control runs) pay off there, not for a few images.
 PREDICT_INT8_MIN_IMAGES = 32
 
 
