@@ -114,7 +114,9 @@ RECIPES = {
         "resfit", {"img_size": 160, "wise_ft": 0.5}, "WiSE-FT's midpoint, trained and tested at 160 px"
     ),
     # Issue #17: a step without the lowest blocks' backward is the only way past 1.5x eager fp32 on AVX2.
-    "resfit-frozen1": Recipe("resfit", {"frozen_blocks": 1}, "the default with the stem left as the source's"),
+    "resfit-frozen1": Recipe(
+        "resfit", {"frozen_blocks": 1}, "the default with the stem left as the source's"
+    ),
     "resfit-frozen2": Recipe(
         "resfit", {"frozen_blocks": 2}, "the default with the stem and layer1 left as the source's"
     ),

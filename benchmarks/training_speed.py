@@ -17,6 +17,7 @@ bf16 on this one, limit the instruction sets and take fp32 (what resfit detects 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import time
@@ -24,6 +25,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from provenance import record, stamp
 from torch import nn
 
 from resfit.data.dataset import ImageDataset
@@ -34,6 +36,7 @@ from resfit.evaluate import to_device
 from resfit.hardware import apply_threads, default_num_workers, resolve_runtime
 from resfit.models import IMAGENET_MEAN, IMAGENET_STD, build_model, forward_features
 from resfit.train import TrainConfig
+from resfit.train.folded_bn import training_network
 from resfit.train.head import extract_features
 from resfit.train.loop import finetune_optimizer, set_train_mode
 
@@ -67,13 +70,16 @@ def images_per_second(model, loader, steps: int, step_fn) -> float:
     return seen / (time.perf_counter() - started)
 
 
-PATHS = ("eager", "autocast", "resfit", "frozen2")
+PATHS = ("eager", "autocast", "unfolded", "resfit", "frozen1", "frozen2")
 PATH_NAMES = {
     "eager": "eager fp32 NCHW",
     "autocast": "precision+layout",
+    "unfolded": "BN not folded",
     "resfit": "resfit default",
+    "frozen1": "--frozen-blocks 1",
     "frozen2": "--frozen-blocks 2",
 }
+FROZEN_BLOCKS = {"frozen1": 1, "frozen2": 2}
 
 
 def training_throughput(
@@ -84,16 +90,19 @@ def training_throughput(
 
     eager:    the tutorial loop: fp32, NCHW, every layer trained, BatchNorm in training mode, no workers.
     autocast: the same step with the detected precision (bf16 autocast here) and channels_last only.
+    unfolded: resfit's step below, but its frozen BatchNorms run as BatchNorms (resfit before the fold).
     resfit:   resfit's default fine-tuning step: that precision and layout plus its recipe (BatchNorm
-              frozen, the lowest --frozen-blocks left untrained, layer-wise lr groups, label smoothing),
-              its DataLoader workers, and the decoded-image cache where ``auto`` turns it on.
-    frozen2:  resfit's step with ``--frozen-blocks 2`` (stem and layer1 untrained: no backward through them).
+              frozen and folded into the convolutions, the lowest --frozen-blocks left untrained,
+              layer-wise lr groups, label smoothing), its DataLoader workers, and the decoded-image cache
+              where ``auto`` turns it on.
+    frozen1/2: resfit's step with ``--frozen-blocks 1`` (the stem untrained) or 2 (stem and layer1): no
+              backward through them.
     """
     torch.manual_seed(0)
     runtime = resolve_runtime("cpu", "fp32" if path == "eager" else precision)
     apply_threads(runtime)
-    recipe = TrainConfig(frozen_blocks=2) if path == "frozen2" else TrainConfig()
-    resfit_step = path in ("resfit", "frozen2")
+    recipe = TrainConfig(frozen_blocks=FROZEN_BLOCKS.get(path, 0))
+    resfit_step = path not in ("eager", "autocast")
     prep = Preprocessing.for_size(size, IMAGENET_MEAN, IMAGENET_STD)
     # The decoded-image cache is built once before timing, like the feature cache (a one-off cost,
     # reused by later runs).
@@ -110,12 +119,13 @@ def training_throughput(
     if path != "eager":
         model = model.to(memory_format=torch.channels_last)
     optimizer, criterion = optimizer_and_loss(model, recipe if resfit_step else None)
+    network = training_network(model) if resfit_step and path != "unfolded" else model
 
     def step(images, labels):
         if path != "eager":
             images = to_device(images, runtime)
         with runtime.autocast():
-            logits = model(images)
+            logits = network(images)
         loss = criterion(logits.float(), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -185,6 +195,7 @@ def main() -> None:
         f"torch {torch.__version__}; {args.repeats} repeats of {args.steps} steps at batch {args.batch}; medians"
     )
     source, _ = load_dataset(args.data)
+    report = {"benchmark": "training_speed", "args": vars(args), "device": runtime.describe(), "sizes": {}}
     print("\n(a) training images/s, ResNet-50, data loading included")
     print(" | ".join([f"{'size':>5}", *(f"{PATH_NAMES[p]:>16}" for p in PATHS), "ratios to eager"]))
     for size in (int(s) for s in args.sizes.split(",")):
@@ -197,6 +208,14 @@ def main() -> None:
         medians = {p: statistics.median(v) for p, v in samples.items()}
         ratios = ", ".join(f"{medians[p] / medians['eager']:.2f}x" for p in PATHS[1:])
         print(" | ".join([f"{size:>5}", *(f"{medians[p]:>16.2f}" for p in PATHS), ratios]), flush=True)
+        report["sizes"][size] = {
+            "images_per_s": samples,
+            "medians": medians,
+            "x_eager": {p: medians[p] / medians["eager"] for p in PATHS},
+        }
+    out = REPO / "benchmarks" / "results" / f"training_speed-{stamp()}.json"
+    out.write_text(json.dumps(report | {"provenance": record()}, indent=2) + "\n")
+    print(f"wrote {out}")
 
     if args.skip_head:
         return

@@ -75,6 +75,7 @@ from ..rejection import parse_target as parse_reject_target
 from ..reports import format_metrics_table, plot_training_curves
 from ..runfolder import MODEL_META, build_model_meta, load_model, read_meta, write_model
 from .config import TrainConfig
+from .folded_bn import training_network
 from .head import extract_features, fit_probe_head, head_logits
 from .lr_find import END_LR, START_LR, STEPS, RangeTest, auto_lr, range_test, write_range_test
 from .recipe import (
@@ -680,11 +681,11 @@ class Trainer:
         criterion = fine_tuning_loss(
             config, self.source.splits["train"].labels, len(self.source.class_names), self.runtime.device
         )
-        network = self.model
+        network = training_network(self.model)
         if self.dist.enabled:
             device = torch.device(self.runtime.device)
             device_ids = [device.index] if device.type == "cuda" else None
-            network = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+            network = nn.parallel.DistributedDataParallel(network, device_ids=device_ids)
         for epoch in range(start, config.epochs + 1):
             if progress["bad_epochs"] >= config.patience:
                 break
