@@ -143,7 +143,9 @@ def test_model_and_bank_round_trip(tmp_path):
     from resfit.run_folder import build_model_meta
 
     model = build_model("resnet18", 2)
-    meta = build_model_meta("resnet18", ["a", "b"], Preprocessing.for_size(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)), 0.0)
+    meta = build_model_meta(
+        "resnet18", ["a", "b"], Preprocessing.for_size(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)), 0.0
+    )
     folder = RunFolder(tmp_path)
     folder.write_model(model, meta)
     loaded, loaded_meta = folder.load_model()
