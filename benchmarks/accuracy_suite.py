@@ -474,7 +474,7 @@ def run_resfit(fold: Fold, settings: Settings, overrides: dict, name: str) -> di
     from resfit.data.transforms import Preprocessing
     from resfit.evaluate import evaluate_split
     from resfit.hardware import resolve_runtime
-    from resfit.runfolder import load_model
+    from resfit.run_folder import load_model
 
     run_dir = fold.workdir / f"run-{name}"
     options = {"epochs": settings.epochs, **overrides}

@@ -33,7 +33,7 @@ from resfit.data.scan import load_dataset  # noqa: E402
 from resfit.data.transforms import Preprocessing  # noqa: E402
 from resfit.evaluate import eval_loader, predict_logits, softmax  # noqa: E402
 from resfit.hardware import detect_cpu, resolve_runtime  # noqa: E402
-from resfit.runfolder import load_model  # noqa: E402
+from resfit.run_folder import load_model  # noqa: E402
 
 
 def halves(labels: np.ndarray, seed: int = 0) -> np.ndarray:

@@ -47,7 +47,7 @@ from resfit.inference.classifier import Classifier, InferenceConfig  # noqa: E40
 from resfit.inference.engines import OnnxRuntimeBackend, OpenVinoBackend, TorchBackend  # noqa: E402
 from resfit.inference.export_cache import LoadedRun, cached_export, cached_int8_export  # noqa: E402
 from resfit.models import build_model  # noqa: E402
-from resfit.runfolder import build_model_meta, write_model  # noqa: E402
+from resfit.run_folder import build_model_meta, write_model  # noqa: E402
 
 
 @dataclass

@@ -19,7 +19,7 @@ from resfit.calibration import (
 )
 from resfit.evaluate import softmax
 from resfit.inference.classifier import Classifier, InferenceConfig
-from resfit.runfolder import MODEL_META
+from resfit.run_folder import RunFolder
 from resfit.serve import create_app
 
 
@@ -38,7 +38,7 @@ def test_fit_recovers_the_temperature_that_overconfident_logits_were_scaled_by()
 
 def test_training_records_the_calibration_and_refuses_to_fit_on_too_few_photos(tiny_imagefolder, tmp_path):
     run = train_tiny_run(tiny_imagefolder, tmp_path / "run")
-    meta = json.loads((run / MODEL_META).read_text())
+    meta = json.loads((run / RunFolder.MODEL_META).read_text())
     fit = json.loads((run / "metrics.json").read_text())["temperature_scaling"]
     # 12 validation photos cannot pin a temperature down: it stays 1, and the run says why
     assert meta["temperature"] == fit["temperature"] == 1.0
@@ -59,18 +59,18 @@ def scaled_run(tiny_imagefolder, tmp_path_factory) -> Path:
     base = train_tiny_run(tiny_imagefolder, tmp_path_factory.getbasetemp() / "deploy-tiny-run")
     run = tmp_path_factory.mktemp("scaled") / "run"
     shutil.copytree(base, run)
-    meta = json.loads((run / MODEL_META).read_text())
+    meta = json.loads((run / RunFolder.MODEL_META).read_text())
     meta["temperature"] = 2.5
-    (run / MODEL_META).write_text(json.dumps(meta))
+    (run / RunFolder.MODEL_META).write_text(json.dumps(meta))
     return run
 
 
 def test_every_backend_and_the_service_apply_the_temperature(scaled_run, tiny_imagefolder, tmp_path):
     images = sorted((tiny_imagefolder / "val").rglob("*.png"))
-    meta = json.loads((scaled_run / MODEL_META).read_text())
+    meta = json.loads((scaled_run / RunFolder.MODEL_META).read_text())
     unscaled = tmp_path / "unscaled"
     shutil.copytree(scaled_run, unscaled)
-    (unscaled / MODEL_META).write_text(json.dumps(meta | {"temperature": 1.0}))
+    (unscaled / RunFolder.MODEL_META).write_text(json.dumps(meta | {"temperature": 1.0}))
     raw = Classifier.load(unscaled, config=InferenceConfig(backend="torch", precision="fp32"))
     expected = softmax(raw.logits(raw.preprocess(images)) / 2.5)
     for backend in ("torch", "onnxruntime", "openvino"):

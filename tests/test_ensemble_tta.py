@@ -27,7 +27,7 @@ from resfit.models import (
     layerwise_param_groups,
     load_pretrained,
 )
-from resfit.runfolder import build_model_meta, load_model, write_model
+from resfit.run_folder import build_model_meta, load_model, write_model
 
 EXACT = InferenceConfig(backend="torch", precision="fp32")
 

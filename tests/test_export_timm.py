@@ -18,7 +18,7 @@ from resfit.errors import ExportError
 from resfit.export import ExportConfig, export_run
 from resfit.export_timm import crop_pct
 from resfit.inference.classifier import Classifier
-from resfit.runfolder import MODEL_META
+from resfit.run_folder import RunFolder
 
 timm = pytest.importorskip("timm")
 
@@ -38,7 +38,7 @@ def test_timm_loads_the_folder_with_resfits_logits_classes_and_preprocessing(
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
 
     model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
-    meta = json.loads((tiny_run / MODEL_META).read_text())
+    meta = json.loads((tiny_run / RunFolder.MODEL_META).read_text())
     prep = meta["preprocessing"]
     assert model.pretrained_cfg["label_names"] == meta["class_names"] == ["blue", "red"]
     data_config = timm.data.resolve_data_config({}, model=model)
@@ -66,11 +66,11 @@ def test_timm_loads_the_folder_with_resfits_logits_classes_and_preprocessing(
 def test_the_temperature_is_folded_into_the_head(tiny_run, tiny_imagefolder, tmp_path):
     calibrated = tmp_path / "calibrated-run"
     calibrated.mkdir()
-    for name in ("model.safetensors", MODEL_META):
+    for name in ("model.safetensors", RunFolder.MODEL_META):
         (calibrated / name).write_bytes((tiny_run / name).read_bytes())
-    meta = json.loads((calibrated / MODEL_META).read_text())
+    meta = json.loads((calibrated / RunFolder.MODEL_META).read_text())
     meta["temperature"] = 2.5
-    (calibrated / MODEL_META).write_text(json.dumps(meta))
+    (calibrated / RunFolder.MODEL_META).write_text(json.dumps(meta))
     out = tmp_path / "timm"
     export_run(ExportConfig(str(calibrated), "timm", out=str(out)), say=lambda _: None)
     config = json.loads((out / "config.json").read_text())
@@ -90,8 +90,8 @@ def test_tta_and_models_timm_lacks_are_refused_clearly(tiny_run, tmp_path):
         )
     fused = tmp_path / "fused-run"
     fused.mkdir()
-    meta = json.loads((tiny_run / MODEL_META).read_text())
-    (fused / MODEL_META).write_text(json.dumps({**meta, "architecture": "resnet18+resnet34"}))
+    meta = json.loads((tiny_run / RunFolder.MODEL_META).read_text())
+    (fused / RunFolder.MODEL_META).write_text(json.dumps({**meta, "architecture": "resnet18+resnet34"}))
     (fused / "model.safetensors").write_bytes((tiny_run / "model.safetensors").read_bytes())
     with pytest.raises(ExportError, match="timm has no counterpart of 'resnet18\\+resnet34'"):
         export_run(ExportConfig(str(fused), "timm", out=str(tmp_path / "f")), say=lambda _: None)

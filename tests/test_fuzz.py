@@ -28,7 +28,7 @@ from resfit.data.scan import load_dataset
 from resfit.errors import ImageReadError, ResfitError, RunFolderError, WeightsError
 from resfit.inference.classifier import Classifier, InferenceConfig
 from resfit.models import load_pretrained
-from resfit.runfolder import MODEL_META, MODEL_WEIGHTS, read_meta
+from resfit.run_folder import RunFolder, read_meta
 from resfit.serve import BackgroundServer, ServeConfig, create_app
 
 SECONDS_PER_FILE = 2.0  # the documented bound for checking or opening any file of <= 10 MB
@@ -245,8 +245,8 @@ PREPROCESSING_FIELDS = ("crop_size", "resize_size", "mean", "std", "interpolatio
 @given(data=st.data())
 def test_any_damaged_model_json_is_one_run_folder_error(tiny_run, tmp_path_factory, data):
     run = tmp_path_factory.mktemp("damaged")
-    shutil.copy(tiny_run / MODEL_WEIGHTS, run / MODEL_WEIGHTS)
-    meta = json.loads((tiny_run / MODEL_META).read_text())
+    shutil.copy(tiny_run / RunFolder.MODEL_WEIGHTS, run / RunFolder.MODEL_WEIGHTS)
+    meta = json.loads((tiny_run / RunFolder.MODEL_META).read_text())
     where = data.draw(st.sampled_from(("meta", "preprocessing")))
     target = meta if where == "meta" else meta["preprocessing"]
     field = data.draw(st.sampled_from(META_FIELDS if where == "meta" else PREPROCESSING_FIELDS))
@@ -254,11 +254,11 @@ def test_any_damaged_model_json_is_one_run_folder_error(tiny_run, tmp_path_facto
         target.pop(field, None)
     else:
         target[field] = data.draw(json_values | st.integers(-5, 10**6) | st.sampled_from([0, 0.0, -1.0]))
-    (run / MODEL_META).write_text(json.dumps(meta))
+    (run / RunFolder.MODEL_META).write_text(json.dumps(meta))
     try:
         Classifier.load(run, config=InferenceConfig(backend="torch"))
     except RunFolderError as error:
-        assert str(run / MODEL_META) in str(error) and "\n" not in str(error)
+        assert str(run / RunFolder.MODEL_META) in str(error) and "\n" not in str(error)
 
 
 @pytest.mark.parametrize(
@@ -277,32 +277,32 @@ def test_invalid_run_is_refused_by_predict_and_serve_with_exit_6(
 ):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
-    meta = json.loads((run / MODEL_META).read_text())
+    meta = json.loads((run / RunFolder.MODEL_META).read_text())
     change(meta)
-    (run / MODEL_META).write_text(json.dumps(meta))
+    (run / RunFolder.MODEL_META).write_text(json.dumps(meta))
     for command in (
-        ["predict", str(run), str(run / MODEL_META)],
+        ["predict", str(run), str(run / RunFolder.MODEL_META)],
         ["serve", str(run), "--host", "256.256.256.256"],
     ):
         assert main(command) == 6
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and fragment in err[0] and MODEL_META in err[0], err
+        assert len(err) == 1 and fragment in err[0] and RunFolder.MODEL_META in err[0], err
 
 
 @FUZZ
 @given(cut=st.integers(0, 400), flips=st.lists(st.integers(0, 7), max_size=3))
 def test_a_damaged_safetensors_file_is_one_run_folder_error(tiny_run, tmp_path_factory, cut, flips):
     run = tmp_path_factory.mktemp("damaged-weights")
-    shutil.copy(tiny_run / MODEL_META, run / MODEL_META)
-    data = bytearray((tiny_run / MODEL_WEIGHTS).read_bytes())
+    shutil.copy(tiny_run / RunFolder.MODEL_META, run / RunFolder.MODEL_META)
+    data = bytearray((tiny_run / RunFolder.MODEL_WEIGHTS).read_bytes())
     for position in flips:  # the 8-byte header length, then the JSON header
         data[position * 7] ^= 0x5A
-    (run / MODEL_WEIGHTS).write_bytes(bytes(data[: len(data) - cut * 997]) if cut else bytes(data))
+    (run / RunFolder.MODEL_WEIGHTS).write_bytes(bytes(data[: len(data) - cut * 997]) if cut else bytes(data))
     try:
         read_meta(run)
         Classifier.load(run, config=InferenceConfig(backend="torch"))
     except RunFolderError as error:
-        assert MODEL_WEIGHTS in str(error)
+        assert RunFolder.MODEL_WEIGHTS in str(error)
 
 
 @pytest.fixture(scope="module")

@@ -14,11 +14,10 @@ from resfit.cli import build_parser, main
 from resfit.distributed import DistContext
 from resfit.errors import ConfigError
 from resfit.models import set_backbone_trainable
+from resfit.run_folder import RunFolder
 from resfit.train import TrainConfig, loop, lr_find, resume, train
 from resfit.train.lr_find import (
-    JSON_NAME,
     MIN_STEPS,
-    PLOT_NAME,
     range_test,
     read_range_test,
     suggest_lr,
@@ -122,9 +121,9 @@ def auto_run(tiny_imagefolder, tmp_path_factory):
 def test_lr_auto_records_its_number_and_trains_like_that_number(auto_run, tiny_imagefolder, tmp_path):
     run_dir, auto = auto_run
     recorded = json.loads((run_dir / "train_config.json").read_text())["lr"]
-    found = json.loads((run_dir / JSON_NAME).read_text())
+    found = json.loads((run_dir / RunFolder.LR_FIND).read_text())
     assert isinstance(recorded, float) and recorded == found["suggestion"]
-    assert (run_dir / PLOT_NAME).is_file()
+    assert (run_dir / RunFolder.LR_FIND_PLOT).is_file()
     assert json.loads((run_dir / "model.json").read_text())["training_config"]["lr"] == recorded
 
     # The test left no trace: the same seed with the number given by hand trains identically.
@@ -159,9 +158,9 @@ def test_a_run_killed_during_the_test_resumes_to_the_same_run(
 def test_resuming_a_run_does_not_repeat_its_test(auto_run):
     run_dir, _ = auto_run
     said: list[str] = []
-    before = (run_dir / JSON_NAME).stat().st_mtime_ns
+    before = (run_dir / RunFolder.LR_FIND).stat().st_mtime_ns
     resume(run_dir, say=said.append)
-    assert (run_dir / JSON_NAME).stat().st_mtime_ns == before
+    assert (run_dir / RunFolder.LR_FIND).stat().st_mtime_ns == before
     assert not any("range test" in line for line in said)
 
 
@@ -171,8 +170,10 @@ def test_cli_lr_find_on_data_and_on_a_run_folder(tiny_imagefolder, tmp_path, cap
         == 0
     )
     out = capsys.readouterr().out
-    assert "suggested --lr" in out and str(tmp_path / "a" / PLOT_NAME) in out
-    assert (tmp_path / "a" / JSON_NAME).is_file() and not (tmp_path / "a" / "train_config.json").exists()
+    assert "suggested --lr" in out and str(tmp_path / "a" / RunFolder.LR_FIND_PLOT) in out
+    assert (tmp_path / "a" / RunFolder.LR_FIND).is_file() and not (
+        tmp_path / "a" / "train_config.json"
+    ).exists()
 
     run_dir = tmp_path / "run"
     train(
@@ -184,7 +185,7 @@ def test_cli_lr_find_on_data_and_on_a_run_folder(tiny_imagefolder, tmp_path, cap
         main(["lr-find", str(run_dir), "--steps", "20", "--batch-size", "4", "--out", str(tmp_path / "b")])
         == 0
     )
-    settings = json.loads((tmp_path / "b" / JSON_NAME).read_text())["settings"]
+    settings = json.loads((tmp_path / "b" / RunFolder.LR_FIND).read_text())["settings"]
     assert settings["img_size"] == 48 and settings["model"] == "resnet18"  # the run's settings...
     assert settings["batch_size"] == 4  # ...with the flags given on top
     after = {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}

@@ -16,7 +16,8 @@ from test_export import train_real_run
 
 from resfit.errors import ConfigError
 from resfit.inference.classifier import Classifier, InferenceConfig
-from resfit.rejection import BANK_FILE, confidence_scores, fit_rule, parse_target, risk_coverage
+from resfit.rejection import confidence_scores, fit_rule, parse_target, risk_coverage
+from resfit.run_folder import RunFolder
 from resfit.serve import create_app
 
 HYMENOPTERA = ("data", "hymenoptera")
@@ -83,7 +84,9 @@ def test_flower_photos_get_unknown_from_an_ants_bees_model_through_cli_and_servi
     meta = json.loads((ants_bees_run / "model.json").read_text())
     rule = meta["reject"]
     assert (
-        rule["score"] == "knn" and rule["target"] == "coverage:0.95" and (ants_bees_run / BANK_FILE).is_file()
+        rule["score"] == "knn"
+        and rule["target"] == "coverage:0.95"
+        and (ants_bees_run / RunFolder.REJECT_BANK).is_file()
     )
     assert 0.9 <= rule["coverage"] <= 1.0  # 95% of the 153 validation photos are answered
     flowers = flower_photos(shared_dir)
@@ -195,13 +198,12 @@ def test_a_damaged_feature_bank_is_a_run_folder_error(tmp_path, bank):
     from safetensors.numpy import save_file
 
     from resfit.errors import RunFolderError
-    from resfit.rejection import load_bank
 
-    save_file({"features": bank.astype(np.float16)}, str(tmp_path / BANK_FILE))
+    save_file({"features": bank.astype(np.float16)}, str(tmp_path / RunFolder.REJECT_BANK))
     with pytest.raises(RunFolderError, match="non-empty, finite"):
-        load_bank(tmp_path)
-    (tmp_path / BANK_FILE).write_bytes(b"\x00" * 7)  # truncated
+        RunFolder(tmp_path).read_bank()
+    (tmp_path / RunFolder.REJECT_BANK).write_bytes(b"\x00" * 7)  # truncated
     with pytest.raises(RunFolderError, match="unreadable"):
-        load_bank(tmp_path)
+        RunFolder(tmp_path).read_bank()
     with pytest.raises(RunFolderError, match="from another model"):
         confidence_scores(np.zeros((1, 2)), "knn", np.ones((1, 4)), np.ones((3, 8)))

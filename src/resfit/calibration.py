@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from scipy.optimize import minimize_scalar
 
-from .runfolder import MODEL_META, read_meta
+if TYPE_CHECKING:  # run_folder evaluates with this module's scores: the folder is handed in, not imported
+    from .run_folder import RunFolder
 
 ECE_BINS = 15
-RELIABILITY_PLOT = "reliability.png"
 # T is searched from 0.1 to 10, far beyond what a trained network needs; an optimum at either end means the
 # held-out set cannot pin T down (e.g. no mistakes: the NLL falls forever as T -> 0), and T stays 1.
 _LOG_T_BOUND = math.log(10.0)
@@ -144,21 +145,19 @@ def plot_reliability(before: list[dict], after: list[dict], temperature: float, 
     plt.close(figure)
 
 
-def calibrate_run(run_dir: Path, raw_logits: np.ndarray, labels: np.ndarray, say) -> dict:
+def calibrate_run(folder: RunFolder, raw_logits: np.ndarray, labels: np.ndarray, say) -> dict:
     """Fit the temperature on a run's held-out (uncalibrated) logits, store it in model.json, plot the
     reliability diagram; returns the fit with NLL/Brier/ECE before and after (T stays 1 where it cannot
     be pinned down, with the reason)."""
-    from .fileio import atomic_write_json
-
     reason = why_not_calibrated(raw_logits, labels) or why_temperature_does_not_transfer(raw_logits, labels)
     temperature = 1.0 if reason else fit_temperature(raw_logits, labels)
     before, after = _softmax(raw_logits), _softmax(raw_logits / temperature)
-    atomic_write_json(Path(run_dir) / MODEL_META, read_meta(Path(run_dir)) | {"temperature": temperature})
+    folder.write_meta(folder.read_meta() | {"temperature": temperature})
     plot_reliability(
         reliability_bins(before, labels),
         reliability_bins(after, labels),
         temperature,
-        Path(run_dir) / RELIABILITY_PLOT,
+        folder.reliability_plot,
     )
     fit = {
         "temperature": temperature,

@@ -309,15 +309,16 @@ def _lr_find_parser(sub) -> None:
 
 
 def _run_lr_find(args) -> int:
+    from .run_folder import RunFolder
     from .train.loop import find_lr, lr_find_config
-    from .train.lr_find import PLOT_NAME, describe
+    from .train.lr_find import describe
 
     known = {f.name for f in fields(TrainConfig)} - {"data", "out"}
     given = {k: v for k, v in vars(args).items() if k in known and v is not None}
     config = lr_find_config(args.run_or_data, given)
     result, out = find_lr(config, args.out, start_lr=args.start_lr, end_lr=args.end_lr, steps=args.steps)
     print(describe(result))
-    print(f"suggested --lr {result.suggestion:.2e}; plot: {out / PLOT_NAME}")
+    print(f"suggested --lr {result.suggestion:.2e}; plot: {RunFolder(out).lr_find_plot}")
     return 0
 
 
@@ -514,16 +515,13 @@ def _run_serve(args) -> int:
 
 
 def _run_evaluate(args) -> int:
-    from .data.scan import load_dataset
-    from .evaluate import evaluate_split, write_evaluation
+    from .evaluate import evaluate_split
     from .reports import format_metrics_table
+    from .run_folder import RunFolder
 
     classifier = _load_classifier(args)
-    training = classifier.meta.get("training_config", {})
     # The run's own split settings, so a flat folder is split the same way as in training.
-    source, report = load_dataset(
-        args.data, val_fraction=training.get("val_fraction", 0.2), seed=training.get("seed", 0)
-    )
+    source, report = RunFolder(classifier.run_dir).dataset(args.data, classifier.meta)
     if args.split not in source.splits:
         raise DataError(f"{args.data} has no {args.split} split (it has {', '.join(source.splits)})")
     if source.class_names != classifier.class_names:
@@ -542,7 +540,8 @@ def _run_evaluate(args) -> int:
     )
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        write_evaluation(Path(args.out), metrics, probs, source)
+        # named as val's reports whichever split they are of: OUT holds one evaluation
+        RunFolder(args.out).write_evaluation(metrics, probs, source, report_as="val")
     if args.json:
         print(json.dumps(metrics, indent=2))
     else:

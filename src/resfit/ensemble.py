@@ -16,17 +16,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .calibration import calibrate_run, calibration_scores
+from .calibration import calibrate_run
 from .data.dataset import ImageDataset
-from .data.scan import load_dataset
 from .data.transforms import Preprocessing
 from .errors import ConfigError, RunFolderError
-from .evaluate import eval_loader, evaluate_split, predict_logits, write_evaluation
+from .evaluate import eval_loader, evaluate_split, predict_logits
 from .hardware import apply_threads, resolve_runtime
 from .model_wrappers import EnsembleModel, check_tta
-from .rejection import DEFAULT_TARGET, RejectRule, choose_and_store_rule
+from .rejection import DEFAULT_TARGET, choose_and_store_rule
 from .reports import format_metrics_table
-from .runfolder import ENSEMBLE, MODEL_META, build_model_meta, load_model, read_meta, write_model
+from .run_folder import ENSEMBLE, RunFolder, build_model_meta, load_model, read_meta
 
 WEIGHTINGS = ("equal", "val")
 WEIGHT_STEP = 0.05  # grid step of the validation weight search (two members: 21 candidates)
@@ -91,8 +90,8 @@ def choose_weights(member_probs: list[np.ndarray], labels: np.ndarray) -> list[f
     return best
 
 
-def _calibrate(out: Path, source, runtime, reject_target: str, say) -> tuple[dict, dict]:
-    model, meta = load_model(out, calibrated=False)
+def _calibrate(out: RunFolder, source, runtime, reject_target: str, say) -> tuple[dict, dict]:
+    model, meta = out.load_model(calibrated=False)
     model.to(runtime.device, memory_format=torch.channels_last)
     dataset = ImageDataset(source, "val", Preprocessing.from_dict(meta["preprocessing"]).eval_transform())
     raw, labels = predict_logits(model, eval_loader(dataset, 0), runtime)
@@ -122,18 +121,15 @@ def build_ensemble(
     check_tta(tta)
     run_dirs = [Path(r) for r in run_dirs]
     out = Path(out)
-    if (out / MODEL_META).exists():
+    folder = RunFolder(out)
+    if folder.meta_file.exists():
         raise RunFolderError(f"{out} already holds a model: choose another --out")
     metas = [read_meta(r) for r in run_dirs]
     check_members(metas, run_dirs)
     first = metas[0]
     training = first.get("training_config", {})
     data = data or first.get("data", {}).get("path")
-    if not data:
-        raise ConfigError(f"{run_dirs[0]} does not record its data: pass --data")
-    source, _ = load_dataset(
-        data, val_fraction=training.get("val_fraction", 0.2), seed=training.get("seed", 0), progress=False
-    )
+    source, _ = RunFolder(run_dirs[0]).dataset(data, first)
     if source.class_names != first["class_names"]:
         raise ConfigError(
             f"the classes of {data} {source.class_names} differ from the runs' {first['class_names']}"
@@ -197,29 +193,10 @@ def build_ensemble(
         training_config=training,
     )
     out.mkdir(parents=True, exist_ok=True)
-    write_model(out, ensemble, meta)
-    calibration, rejection = _calibrate(out, source, runtime, reject_target, say)
-
+    folder.write_model(ensemble, meta)
+    calibration, rejection = _calibrate(folder, source, runtime, reject_target, say)
     # Score the saved folder exactly as `resfit evaluate` would.
-    model, saved_meta = load_model(out)
-    model.to(runtime.device, memory_format=torch.channels_last)
-    rule = RejectRule.from_dict(saved_meta["reject"]) if saved_meta.get("reject") else None
-    results = {}
-    for split in ["val"] + (["test"] if "test" in source.splits else []):
-        metrics, probs = evaluate_split(
-            model,
-            source,
-            split,
-            Preprocessing.from_dict(saved_meta["preprocessing"]),
-            runtime,
-            reject=rule if split != "val" else None,
-        )
-        labels = np.asarray(source.splits[split].labels)
-        metrics["calibration"] = calibration_scores(probs, labels)
-        if split == "val":
-            metrics["temperature_scaling"], metrics["rejection"] = calibration, rejection
-        write_evaluation(out, metrics, probs, source, suffix="" if split == "val" else f"_{split}")
-        results[split] = metrics
+    results = folder.evaluate_and_report(source, runtime, calibration, rejection)
     say(format_metrics_table(results["val"]))
     say(
         f"ensemble val accuracy {results['val']['accuracy']:.4f} vs members "

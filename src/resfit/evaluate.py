@@ -1,8 +1,6 @@
-"""Running a model over a split, the metrics of the result, and the report files of a run folder."""
+"""Running a model over a split and the metrics of the result (run_folder.py writes them into a run folder)."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -12,10 +10,9 @@ from tqdm import tqdm
 from .data.dataset import ImageDataset
 from .data.splits import DatasetSource
 from .data.transforms import Preprocessing
-from .fileio import atomic_write_json
 from .hardware import Runtime
 from .rejection import RejectRule, answered_metrics, split_output
-from .reports import classification_metrics, misclassified_examples, plot_confusion_matrix, plot_misclassified
+from .reports import classification_metrics
 
 EVAL_BATCH_SIZE = 64
 
@@ -74,20 +71,3 @@ def evaluate_split(
     if reject is not None:
         metrics["rejection"] = answered_metrics(logits, labels, reject, features)
     return metrics, probs
-
-
-def write_evaluation(
-    run_dir: Path, metrics: dict, probs: np.ndarray, source: DatasetSource, suffix: str = ""
-) -> None:
-    """metrics{suffix}.json, confusion_matrix{suffix}.png, misclassified{suffix}.json/.png in the run folder."""
-    run_dir = Path(run_dir)
-    split = metrics["split"]
-    labels = np.asarray(source.splits[split].labels)
-    items = source.splits[split].items
-    atomic_write_json(run_dir / f"metrics{suffix}.json", metrics)
-    plot_confusion_matrix(
-        metrics["confusion_matrix"], source.class_names, run_dir / f"confusion_matrix{suffix}.png"
-    )
-    wrong = misclassified_examples(labels, probs, items, source.class_names)
-    atomic_write_json(run_dir / f"misclassified{suffix}.json", wrong)
-    plot_misclassified(wrong, lambda item: source.read(item)[0], run_dir / f"misclassified{suffix}.png")

@@ -27,7 +27,7 @@ from .export_timm import check_timm_exportable, import_timm
 from .inference.engines import TorchBackend
 from .inference.export_cache import model_digest, run_images
 from .inference.formats import FILE_NAMES, FORMATS, load_exported, write_export
-from .runfolder import load_model, read_meta
+from .run_folder import load_model, read_meta
 
 DEFAULT_CHECK_IMAGES = 8
 

@@ -251,15 +251,16 @@ def _load_file(path: Path) -> PretrainedSource:
         source.mean, source.std = mean, std
     if size is not None:
         source.crop_size = size
-    # A previous resfit run's model.safetensors comes with model.json: reuse its preprocessing.
-    run_json = path.parent / "model.json"
-    if path.name == "model.safetensors" and run_json.is_file():
+    # A previous resfit run's weights (model.safetensors) have its model.json as their card (the same
+    # stem), and that states the preprocessing they were trained with: reuse it.
+    if path.suffix == ".safetensors" and "preprocessing" in card:
+        card_path = path.with_suffix(".json")
         try:
-            prep = Preprocessing.from_dict(json.loads(run_json.read_text(encoding="utf-8"))["preprocessing"])
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
-            raise WeightsError(f"{run_json}: its preprocessing cannot be read ({error})") from None
+            prep = Preprocessing.from_dict(card["preprocessing"])
+        except (KeyError, TypeError, AttributeError) as error:
+            raise WeightsError(f"{card_path}: its preprocessing cannot be read ({error})") from None
         except ConfigError as error:
-            raise WeightsError(f"{run_json}: preprocessing.{error}") from None
+            raise WeightsError(f"{card_path}: preprocessing.{error}") from None
         source.mean, source.std, source.crop_size = prep.mean, prep.std, prep.crop_size
     return source
 

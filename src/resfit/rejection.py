@@ -17,23 +17,24 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from .errors import ConfigError
-from .runfolder import MODEL_META, read_meta
+
+if TYPE_CHECKING:  # run_folder reads rules through this module: the folder is handed in, not imported
+    from .run_folder import RunFolder
 
 SCORES = ("knn", "msp", "energy")
 FEATURE_SCORES = ("knn",)  # need the backbone's pooled features and the bank of training features
 DEFAULT_SCORE = "knn"
 KNN_K = 5
-BANK_FILE = "reject_bank.safetensors"
 MAX_BANK_IMAGES = 2000  # training photos in the bank at most (a seeded sample): bounds time and file size
 DEFAULT_TARGET = "coverage:0.95"
 TARGET_KINDS = ("coverage", "precision")
 UNKNOWN = "unknown"
-RISK_COVERAGE_PLOT = "risk_coverage.png"
 # Fewer held-out photos than this cannot place a 5% quantile: the rule is left out and the reason said.
 MIN_REJECTION_IMAGES = 20
 
@@ -54,7 +55,7 @@ def confidence_scores(
             from .errors import RunFolderError
 
             raise RunFolderError(
-                f"{BANK_FILE} holds {np.shape(bank)[1]}-wide features but the model gives "
+                f"the feature bank holds {np.shape(bank)[1]}-wide features but the model gives "
                 f"{np.shape(features)[1]}: the bank is from another model"
             )
         query = torch.from_numpy(np.asarray(features, dtype=np.float32))
@@ -79,31 +80,6 @@ def split_output(output: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.n
 
 def needs_features(rule: dict | None) -> bool:
     return bool(rule) and rule.get("score") in FEATURE_SCORES
-
-
-def save_bank(run_dir: Path, features: np.ndarray) -> None:
-    from safetensors.numpy import save_file
-
-    from .fileio import atomic_write
-
-    bank = np.ascontiguousarray(features, dtype=np.float16)
-    atomic_write(Path(run_dir) / BANK_FILE, lambda tmp: save_file({"features": bank}, tmp))
-
-
-def load_bank(run_dir: Path) -> np.ndarray:
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
-    from .errors import RunFolderError
-
-    path = Path(run_dir) / BANK_FILE
-    try:
-        bank = load_file(str(path))["features"].astype(np.float32)
-    except (SafetensorError, OSError, KeyError, ValueError) as error:
-        raise RunFolderError(f'{path}: the "unknown" rule\'s feature bank is unreadable ({error})') from None
-    if bank.ndim != 2 or len(bank) == 0 or not np.isfinite(bank).all():
-        raise RunFolderError(f"{path}: the feature bank must be a non-empty, finite (images, features) array")
-    return bank
 
 
 def parse_target(text: str) -> tuple[str, float] | None:
@@ -151,11 +127,6 @@ class RejectRule:
     @classmethod
     def from_dict(cls, data: dict, bank: np.ndarray | None = None) -> RejectRule:
         return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data and k != "bank"}, bank=bank)
-
-    @classmethod
-    def from_run(cls, run_dir: Path, data: dict) -> RejectRule:
-        """The rule model.json holds, with its bank read from the run folder where its score needs one."""
-        return cls.from_dict(data, load_bank(run_dir) if data.get("score") in FEATURE_SCORES else None)
 
     def describe(self) -> str:
         return (
@@ -288,7 +259,7 @@ def plot_risk_coverage(curves: dict[str, dict], rule: RejectRule | None, path: P
 
 
 def choose_and_store_rule(
-    run_dir: Path,
+    folder: RunFolder,
     logits: np.ndarray,
     labels: np.ndarray,
     target: str,
@@ -299,10 +270,7 @@ def choose_and_store_rule(
 ) -> dict:
     """The "unknown" rule for ``target`` on calibrated held-out logits, stored in model.json (its bank, for
     knn, in reject_bank.safetensors); risk_coverage.png; returns the rule and its risk-coverage figures."""
-    from .fileio import atomic_write_json
-
-    run_dir = Path(run_dir)
-    meta = {k: v for k, v in read_meta(run_dir).items() if k != "reject"}
+    meta = {k: v for k, v in folder.read_meta().items() if k != "reject"}
     reason = "--reject-target none" if parse_target(target) is None else why_no_rule(labels)
     correct = np.asarray(logits).argmax(1) == np.asarray(labels)
     curves = {
@@ -311,12 +279,12 @@ def choose_and_store_rule(
         if features is not None or name not in FEATURE_SCORES
     }
     rule = None if reason else fit_rule(logits, labels, target, score, features, bank)
-    (run_dir / BANK_FILE).unlink(missing_ok=True)
+    folder.remove_bank()
     if rule is not None and bank is not None and score in FEATURE_SCORES:
-        save_bank(run_dir, bank)
-    atomic_write_json(run_dir / MODEL_META, meta | ({"reject": rule.to_dict()} if rule else {}))
+        folder.write_bank(bank)
+    folder.write_meta(meta | ({"reject": rule.to_dict()} if rule else {}))
     if len(labels):
-        plot_risk_coverage(curves, rule, run_dir / RISK_COVERAGE_PLOT)
+        plot_risk_coverage(curves, rule, folder.risk_coverage_plot)
     say(f'"unknown" answers: off ({reason})' if rule is None else f"unknown answers: {rule.describe()}")
     return {
         "rule": rule.to_dict() if rule else None,

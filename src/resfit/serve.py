@@ -10,7 +10,6 @@ so the event loop never blocks and concurrent uploads share one forward pass.
 from __future__ import annotations
 
 import asyncio
-import json
 import socket
 import threading
 import time
@@ -18,7 +17,6 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from importlib.resources import files
-from pathlib import Path
 
 import numpy as np
 from fastapi import FastAPI, Query, Request
@@ -29,10 +27,11 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .data.images import open_rgb
-from .errors import ConfigError, ImageReadError
+from .errors import ConfigError, ImageReadError, RunFolderError
 from .evaluate import softmax
 from .inference.classifier import Classifier
 from .rejection import UNKNOWN, split_output
+from .run_folder import RunFolder
 
 MB = 1024 * 1024
 # (signature offset, bytes, format); WEBP also needs "WEBP" at offset 8, checked in sniff_format.
@@ -416,11 +415,11 @@ def _model_info(classifier: Classifier, config: ServeConfig) -> dict:
         "limits": asdict(config) | {"allowed_formats": list(config.allowed_formats)},
         "metrics": None,
     }
-    metrics_path = Path(classifier.run_dir) / "metrics.json" if classifier.run_dir else None
-    if metrics_path is not None and metrics_path.is_file():
+    folder = RunFolder(classifier.run_dir) if classifier.run_dir else None
+    if folder is not None and folder.metrics_file("val").is_file():
         try:
-            info["metrics"] = json.loads(metrics_path.read_text())
-        except (OSError, json.JSONDecodeError):
+            info["metrics"] = folder.read_metrics("val")
+        except RunFolderError:
             info["metrics"] = None  # a damaged report must not take the service down
     return info
 

@@ -25,7 +25,7 @@ from ..evaluate import evaluate_split
 from ..fileio import atomic_write_json
 from ..inference.classifier import Classifier, InferenceConfig
 from ..models import check_architecture, fused_members
-from ..runfolder import MODEL_META, load_model, read_meta
+from ..run_folder import RunFolder, load_model, read_meta
 from ..train import TrainConfig, resume, train
 from .measure import (
     Timing,
@@ -216,10 +216,10 @@ def plan_models(config: CompareConfig, out: Path) -> list[ModelPlan]:
         if not entry:
             raise ConfigError(f"empty entry in --models {','.join(config.models)!r}")
         path = Path(entry).expanduser()
-        if (path / MODEL_META).is_file():
+        if RunFolder(path).has_model:
             plans.append(ModelPlan(path.name, path))
         elif path.is_dir() or "/" in entry or "\\" in entry:
-            raise RunFolderError(f"{entry} is not a run folder (no {MODEL_META} in it)")
+            raise RunFolderError(f"{entry} is not a run folder (no {RunFolder.MODEL_META} in it)")
         else:
             check_architecture(entry)
             plans.append(ModelPlan(entry, out / "runs" / entry, architecture=entry))
@@ -309,12 +309,12 @@ def obtain_run(
     """Make sure ``plan.run_dir`` holds a finished run: take it, reuse it, resume it or train it."""
     if recipe is None:
         return "given"
-    run_dir = plan.run_dir
-    if (run_dir / "metrics.json").is_file():
+    run_dir, folder = plan.run_dir, RunFolder(plan.run_dir)
+    if folder.is_finished:
         check_same_recipe(run_dir, recipe)
         say(f"{plan.name}: {run_dir} already holds a finished run with this recipe: reused")
         return "reused from this folder"
-    if (run_dir / "train_config.json").is_file():
+    if folder.is_started:
         check_same_recipe(run_dir, recipe)
         say(f"{plan.name}: resuming the interrupted run in {run_dir}")
         resume(run_dir, say=say)
@@ -328,7 +328,7 @@ def obtain_run(
 
 def check_same_recipe(run_dir: Path, recipe: TrainConfig) -> None:
     """A run found in the compare folder is reused only if it was trained with the recipe asked for now."""
-    stored = TrainConfig.from_dict(json.loads((run_dir / "train_config.json").read_text()))
+    stored = TrainConfig.from_dict(RunFolder(run_dir).read_train_config())
     for name, wanted in recipe.to_dict().items():
         if name in _RECIPE_IGNORED or wanted is None or wanted == "auto":
             continue  # None and "auto" are resolved by training, so the stored value is the resolved one
@@ -366,7 +366,7 @@ def build_ensemble_row(
     first, second = singles[:2]
     name = f"ensemble-{first.name}+{second.name}"
     plan = ModelPlan(name, out / "runs" / name)
-    if (plan.run_dir / "metrics.json").is_file():
+    if RunFolder(plan.run_dir).is_finished:
         say(f"{name}: {plan.run_dir} already holds it: reused")
         return plan, "reused from this folder"
     from ..ensemble import build_ensemble
@@ -384,7 +384,7 @@ def build_ensemble_row(
 
 
 def _architecture(run_dir: Path) -> str:
-    return json.loads((Path(run_dir) / MODEL_META).read_text())["architecture"]
+    return read_meta(run_dir)["architecture"]
 
 
 def _read_timings(out: Path) -> dict:
@@ -414,15 +414,13 @@ def check_given_run(run_dir: Path, config: CompareConfig) -> None:
         raise ConfigError(
             f"the classes of {config.data} {classes} differ from {run_dir}'s {meta['class_names']}"
         )
-    training = meta.get("training_config") or {}
     ours = (config.train.val_fraction, config.train.seed)
-    theirs = (training.get("val_fraction", ours[0]), training.get("seed", ours[1]))
+    split = RunFolder.split_settings(meta)
+    theirs = (split["val_fraction"], split["seed"])
     if theirs == ours:
         return
-    ours_val, theirs_val = (
-        discover(config.data, val_fraction=fraction, seed=seed).splits.get("val")
-        for fraction, seed in (ours, theirs)
-    )
+    ours_val = discover(config.data, val_fraction=ours[0], seed=ours[1]).splits.get("val")
+    theirs_val = RunFolder.listing(config.data, meta).splits.get("val")
     if ours_val is None or theirs_val is None or set(ours_val.items) != set(theirs_val.items):
         raise ConfigError(
             f"{run_dir} was trained holding out val_fraction {theirs[0]} with seed {theirs[1]}, which gives "
@@ -564,10 +562,8 @@ def _epochs(meta: dict) -> int | None:
     if meta.get("architecture") == "ensemble":
         epochs = set()
         for member in meta.get("members", []):
-            member_meta = Path(member.get("run_dir", "")) / MODEL_META
-            training = (
-                json.loads(member_meta.read_text()).get("training_config") if member_meta.is_file() else None
-            )
+            member_run = RunFolder(member.get("run_dir", ""))
+            training = member_run.read_meta().get("training_config") if member_run.has_model else None
             epochs.add((training or {}).get("epochs"))
         return epochs.pop() if len(epochs) == 1 else None
     return (meta.get("training_config") or {}).get("epochs")

@@ -7,7 +7,6 @@ are the same for every model, so they would only blur the comparison), taken wit
 
 from __future__ import annotations
 
-import csv
 import statistics
 import time
 from collections.abc import Callable
@@ -19,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..runfolder import MODEL_WEIGHTS
+from ..run_folder import RunFolder
 
 
 @dataclass(frozen=True)
@@ -89,12 +88,12 @@ def count_flops(model: nn.Module, image: np.ndarray) -> int:
 
 def weights_files(run_dir: Path, meta: dict) -> list[Path]:
     """The weight files a run needs on disk: model.safetensors, or an ensemble's member copies where it keeps them."""
-    run_dir = Path(run_dir)
+    folder = RunFolder(run_dir)
     if meta.get("architecture") == "ensemble":
-        files = sorted((run_dir / "members").glob(f"*/{MODEL_WEIGHTS}"))
+        files = sorted(folder.members_dir.glob(f"*/{RunFolder.MODEL_WEIGHTS}"))
         if files:
             return files
-    return [run_dir / MODEL_WEIGHTS]
+    return [folder.weights_file]
 
 
 def file_size(files: list[Path]) -> int:
@@ -103,9 +102,4 @@ def file_size(files: list[Path]) -> int:
 
 def history_seconds(run_dir: Path) -> float | None:
     """The run's training time as its history.csv recorded it (last row's ``elapsed``), if any."""
-    path = Path(run_dir) / "history.csv"
-    if not path.is_file():
-        return None
-    with path.open(newline="") as handle:
-        rows = [row for row in csv.DictReader(handle) if row.get("elapsed")]
-    return float(rows[-1]["elapsed"]) if rows else None
+    return RunFolder(run_dir).training_seconds()

@@ -15,7 +15,7 @@ from ..data.splits import DatasetSource
 from ..fileio import atomic_write, atomic_write_json, atomic_write_text
 from ..hardware import detect_cpu
 from ..inference.classifier import InferenceConfig
-from ..runfolder import library_versions
+from ..run_folder import library_versions
 
 if TYPE_CHECKING:
     from .command import CompareConfig, CompareRow
@@ -139,7 +139,7 @@ def measurement(rows: list[CompareRow], config: CompareConfig, load_average: dic
         "tta": {
             mode: "Classifier.load(run, InferenceConfig(tta=...)): same backend" for mode in config.tta_modes
         },
-        "parameters": "numel of every parameter of the torch module resfit.runfolder.load_model returns (no TTA)",
+        "parameters": "numel of every parameter of the torch module resfit.run_folder.load_model returns (no TTA)",
         "flops": "torch.utils.flop_counter.FlopCounterMode, one image at the row's eval crop, fp32 torch module: "
         "convolutions and matrix products at 2 FLOPs per multiply-add (BatchNorm, ReLU, pooling, additions "
         "not counted); GMACs = FLOPs / 2, the unit of torchvision's '4.09 GFLOPS' for ResNet-50 at 224 px",

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from resfit.data.exclusions import read_exclusions, resolve_exclusions
 from resfit.data.images import DEFAULT_MAX_PIXELS, ImageCheck, check_image
 from resfit.data.sources import discover
-from resfit.data.splits import DatasetSource, Split
+from resfit.data.splits import SPLIT_SEED, VAL_FRACTION, DatasetSource, Split
 from resfit.errors import ConfigError, DataError, ImageReadError
 from resfit.fileio import atomic_write_json
 
@@ -70,8 +70,8 @@ def default_cache_dir() -> Path:
 def load_dataset(
     data: str | os.PathLike,
     *,
-    val_fraction: float = 0.2,
-    seed: int = 0,
+    val_fraction: float = VAL_FRACTION,
+    seed: int = SPLIT_SEED,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     cache_dir: Path | None = None,
     progress: bool = False,

@@ -20,14 +20,16 @@ from pathlib import Path
 from resfit.data.cifar import is_cifar10, read_cifar10
 from resfit.data.hf import is_saved_dataset, parquet_files, read_arrow_dataset
 from resfit.data.shards import discover_shards
-from resfit.data.splits import CIFAR_PREFIX, SHARD_INDEX, DatasetSource, Split
+from resfit.data.splits import CIFAR_PREFIX, SHARD_INDEX, SPLIT_SEED, VAL_FRACTION, DatasetSource, Split
 from resfit.errors import ConfigError, DataError
 
 VAL_FOLDER_NAMES = ("val", "valid", "validation")
 SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
 
-def discover(data: str | os.PathLike, *, val_fraction: float = 0.2, seed: int = 0) -> DatasetSource:
+def discover(
+    data: str | os.PathLike, *, val_fraction: float = VAL_FRACTION, seed: int = SPLIT_SEED
+) -> DatasetSource:
     """List the dataset's classes and split files (no decoding); hold out val where the data has none."""
     if not 0 < val_fraction < 1:
         raise ConfigError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")

@@ -18,6 +18,9 @@ from .cifar import CifarArrays
 from .images import DEFAULT_MAX_PIXELS, open_rgb
 
 CIFAR_PREFIX = "cifar10:"
+# Where the data has no validation split, this share of each class is held out, drawn with this seed.
+VAL_FRACTION = 0.2
+SPLIT_SEED = 0
 SHARD_INDEX = "shards.json"  # shards.INDEX_FILE
 
 

@@ -18,7 +18,7 @@ from ..errors import ExportError, ImageReadError
 from ..evaluate import softmax
 from ..hardware import Runtime, apply_threads, resolve_runtime
 from ..rejection import UNKNOWN, RejectRule, needs_features, split_output
-from ..runfolder import read_meta
+from ..run_folder import RunFolder, read_meta
 from .engines import (
     INT8_ENGINE,
     MEASURE_BATCH,
@@ -101,7 +101,9 @@ class InferenceConfig:
     backend: str = "auto"  # auto | torch | onnxruntime | openvino
     performance_hint: str = "LATENCY"  # OpenVINO: LATENCY (one request, all cores) or THROUGHPUT
     cache_dir: str | None = None  # on-the-fly exports; default $RESFIT_CACHE or ~/.cache/resfit
-    tta: str | None = None  # test-time augmentation: None = the run's stored setting (see runfolder.with_tta)
+    tta: str | None = (
+        None  # test-time augmentation: None = the run's stored setting (see run_folder.with_tta)
+    )
     reject: bool = True  # apply the run's "unknown" rule (model.json "reject"), if it has one
     # auto on a CPU without native bf16 may also time gated int8 (OpenVINO) and keep it if fastest: worth its
     # one-time quantization for serve and batch predict (the CLI sets it there); the default stays fp32-exact
@@ -126,7 +128,13 @@ class Classifier:
         reject: bool = True,
     ):
         self.meta = meta
-        self.reject = RejectRule.from_run(run_dir, meta["reject"]) if reject and meta.get("reject") else None
+        # a rule whose score needs no bank (msp, energy) needs no run folder either
+        if not reject or not meta.get("reject"):
+            self.reject = None
+        elif run_dir is not None:
+            self.reject = RunFolder(run_dir).reject_rule(meta)
+        else:
+            self.reject = RejectRule.from_dict(meta["reject"])
         self.runtime = runtime
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.class_names: list[str] = list(meta["class_names"])

@@ -23,11 +23,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..data.sources import discover
 from ..data.transforms import Preprocessing
 from ..errors import ExportError, ImageReadError
 from ..fileio import atomic_write_json
-from ..runfolder import MODEL_WEIGHTS, load_model
+from ..run_folder import RunFolder, load_model
 from ..version import __version__
 from .engines import OpenVinoBackend, TorchBackend
 from .formats import FILE_NAMES, load_exported, write_export
@@ -45,8 +44,7 @@ def run_images(meta: dict, split: str, count: int, purpose: str) -> Iterator[tup
                 else "use --precision fp32 or bf16"
             )
         )
-    training = meta.get("training_config") or {}
-    source = discover(data, val_fraction=training.get("val_fraction", 0.2), seed=training.get("seed", 0))
+    source = RunFolder.listing(data, meta)
     chosen = source.splits.get(split) or next(iter(source.splits.values()))
     by_class: dict[int, list[str]] = {}
     for item, label in sorted(zip(chosen.items, chosen.labels, strict=True)):
@@ -68,7 +66,7 @@ def run_images(meta: dict, split: str, count: int, purpose: str) -> Iterator[tup
 def model_digest(run_dir: Path) -> str:
     """sha256 of model.safetensors: exports in the cache are keyed by the exact weights."""
     digest = hashlib.sha256()
-    with open(run_dir / MODEL_WEIGHTS, "rb") as handle:
+    with open(RunFolder(run_dir).weights_file, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 
 from ..data.decoded_cache import MODES as DECODED_CACHE_MODES
+from ..data.splits import SPLIT_SEED, VAL_FRACTION
 from ..data.transforms import AUGMENTATIONS
 from ..errors import ConfigError
 from ..hardware import PRECISIONS, parse_device
@@ -75,8 +76,8 @@ class TrainConfig:
     # the "unknown" answer, chosen on validation after calibration (coverage:X | precision:X | none)
     reject_target: str = DEFAULT_REJECT_TARGET
     reject_score: str = DEFAULT_REJECT_SCORE  # msp (calibrated top-1 probability) | energy (logsumexp)
-    seed: int = 0
-    val_fraction: float = 0.2
+    seed: int = SPLIT_SEED
+    val_fraction: float = VAL_FRACTION
     exclude_from: str | None = None  # an audit.json (its "exclude" list) or a file of paths to leave out
     device: str = "auto"
     precision: str = "auto"

@@ -6,9 +6,6 @@ or kill -9 costs at most one epoch.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import math
 import random
 import tempfile
@@ -23,7 +20,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..calibration import calibrate_run, calibration_scores
+from ..calibration import calibrate_run
 from ..data.dataset import ImageDataset
 from ..data.decoded_cache import decoded_caches
 from ..data.duplicates import hash_duplicates, warning_line
@@ -44,13 +41,7 @@ from ..distributed import (
     sum_across,
 )
 from ..errors import ConfigError, RunFolderError
-from ..evaluate import (
-    eval_loader,
-    evaluate_split,
-    predict_logits,
-    write_evaluation,
-)
-from ..fileio import atomic_write_json, atomic_write_text
+from ..evaluate import eval_loader, predict_logits
 from ..hardware import Runtime, apply_device, default_num_workers, pin_memory, resolve_runtime
 from ..models import (
     PretrainedSource,
@@ -65,15 +56,13 @@ from ..models import (
 from ..rejection import (
     FEATURE_SCORES,
     MAX_BANK_IMAGES,
-    RejectRule,
     choose_and_store_rule,
-    needs_features,
     split_output,
     why_no_rule,
 )
 from ..rejection import parse_target as parse_reject_target
 from ..reports import format_metrics_table, plot_training_curves
-from ..runfolder import MODEL_META, build_model_meta, load_model, read_meta, write_model
+from ..run_folder import RunFolder, build_model_meta
 from .config import TrainConfig
 from .folded_bn import training_network
 from .head import extract_features, fit_probe_head, head_logits
@@ -96,20 +85,7 @@ from .state import load_start_weights, load_state, restore, save_start_weights, 
 from .step import fine_tuning_loss, training_step
 from .tracking import Tracking, open_tracking, require_tracker_packages
 
-TRAIN_CONFIG = "train_config.json"
 POSTFIX_EVERY = 10  # steps between progress-bar updates of the running loss (each one waits for the GPU)
-HISTORY_COLUMNS = (
-    "epoch",
-    "stage",
-    "lr",
-    "train_loss",
-    "train_acc",
-    "val_loss",
-    "val_acc",
-    "seconds",
-    "elapsed",
-    "images_per_s",
-)
 
 
 @dataclass
@@ -173,16 +149,9 @@ def set_train_mode(
         freeze_batchnorm(module)
 
 
-def write_history(run_dir: Path, history: list[dict]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=HISTORY_COLUMNS, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in history:
-        writer.writerow(
-            {k: ("" if v is None else round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}
-        )
-    atomic_write_text(run_dir / "history.csv", buffer.getvalue())
-    plot_training_curves(history, run_dir / "curves.png")
+def write_history(folder: RunFolder, history: list[dict]) -> None:
+    folder.write_history(history)
+    plot_training_curves(history, folder.curves_plot)
 
 
 def epoch_line(row: dict) -> str:
@@ -207,6 +176,7 @@ class Trainer:
     def __init__(self, config: TrainConfig, run_dir: Path, resuming: bool, say: Callable[[str], None]):
         self.config = config
         self.run_dir = run_dir
+        self.folder = RunFolder(run_dir)
         self.resuming = resuming
         self.say = say
         self.started = time.perf_counter()
@@ -303,8 +273,8 @@ class Trainer:
             )
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(self.run_dir / TRAIN_CONFIG, config.to_dict())
-            atomic_write_json(self.run_dir / "data_report.json", self.report.to_dict())
+            self.folder.write_train_config(config.to_dict())
+            self.folder.write_data_report(self.report.to_dict())
         self.model = build_model(config.model, len(self.source.class_names), config.dropout)
         apply_pretrained(self.model, self.pretrained)
         if config.sync_bn and self.dist.enabled:
@@ -435,12 +405,9 @@ class Trainer:
         self.config.lr = auto_lr(self)
         self.meta["training_config"] = self.config.to_dict()
         if self.dist.is_main:
-            atomic_write_json(self.run_dir / TRAIN_CONFIG, self.config.to_dict())
-            if (
-                self.run_dir / MODEL_META
-            ).is_file():  # the head stage's model was kept before the lr was known
-                meta = read_meta(self.run_dir) | {"training_config": self.config.to_dict()}
-                atomic_write_json(self.run_dir / MODEL_META, meta)
+            self.folder.write_train_config(self.config.to_dict())
+            if self.folder.has_model:  # the head stage's model was kept before the lr was known
+                self.folder.write_meta(self.folder.read_meta() | {"training_config": self.config.to_dict()})
 
     def make_optimizer(self) -> torch.optim.Optimizer:
         optimizer, self.frozen_modules = finetune_optimizer(self.model, self.config)
@@ -611,11 +578,11 @@ class Trainer:
             if self.dist.is_main:
                 if improved:
                     best = {"best": {"epoch": row["epoch"], "val_accuracy": row["val_acc"]}}
-                    write_model(self.run_dir, self.kept_model, self.meta | best)
+                    self.folder.write_model(self.kept_model, self.meta | best)
                 if row["epoch"] == 0 and config.wise_ft < 1:
                     save_start_weights(self.run_dir, self.kept_model)
                 save_state(self.run_dir, row["epoch"], self.model, optimizer, progress, self.ema, self.scaler)
-                write_history(self.run_dir, history)
+                write_history(self.folder, history)
                 self.tracking.log_epoch(row)
             barrier(self.dist)
             self.say(epoch_line(row) + ("  *best" if progress["best_epoch"] == row["epoch"] else ""))
@@ -743,8 +710,8 @@ class Trainer:
         progress.update(best_val_acc=val_acc, best_epoch=last)
         if self.dist.is_main:
             best = {"best": {"epoch": last, "val_accuracy": val_acc, "wise_ft": share}}
-            write_model(self.run_dir, model, self.meta | best)
-            write_history(self.run_dir, history)
+            self.folder.write_model(model, self.meta | best)
+            write_history(self.folder, history)
         barrier(self.dist)
         self.say(
             epoch_line(row) + f"  kept: {share:g} x epoch {last} + {1 - share:g} x the head stage (--wise-ft)"
@@ -758,7 +725,7 @@ class Trainer:
         TTA falls back to msp (its views have no one feature vector) and says so.
         """
         target, score = self.config.reject_target, self.config.reject_score
-        tta = read_meta(self.run_dir).get("tta", "none") != "none"
+        tta = self.folder.read_meta().get("tta", "none") != "none"
         val_labels = self.source.splits["val"].labels
         wants_features = (
             score in FEATURE_SCORES and parse_reject_target(target) and not why_no_rule(val_labels)
@@ -767,7 +734,7 @@ class Trainer:
             self.say(f"unknown answers: {score} needs the features of one view, not TTA's; using msp")
             score, wants_features = "msp", False
         # One pass over val: the uncalibrated logits, and the features after them where the rule needs them.
-        model, meta = load_model(self.run_dir, calibrated=False, features=wants_features)
+        model, meta = self.folder.load_model(calibrated=False, features=wants_features)
         model.to(self.runtime.device, memory_format=torch.channels_last)
         transform = Preprocessing.from_dict(meta["preprocessing"]).eval_transform()
         output, labels = predict_logits(
@@ -776,11 +743,11 @@ class Trainer:
             self.runtime,
         )
         raw, features = split_output(output, len(self.source.class_names))
-        fit = calibrate_run(self.run_dir, raw, labels, self.say)
+        fit = calibrate_run(self.folder, raw, labels, self.say)
         bank = self.feature_bank(model, transform) if wants_features else None
         logits = raw / fit["temperature"]
         return fit, choose_and_store_rule(
-            self.run_dir, logits, labels, target, score, self.say, features, bank
+            self.folder, logits, labels, target, score, self.say, features, bank
         )
 
     def feature_bank(self, model: nn.Module, transform) -> np.ndarray:
@@ -796,33 +763,9 @@ class Trainer:
     def finish(self, history: list[dict], progress: dict) -> RunResult:
         """Calibrate the kept (best) model, evaluate it exactly as `resfit evaluate` would, write the reports."""
         calibration, rejection = self.calibrate()
-        # with the run's test-time augmentation, if it has one, and the features its "unknown" rule needs
-        model, meta = load_model(self.run_dir, features=needs_features(read_meta(self.run_dir).get("reject")))
-        model.to(self.runtime.device, memory_format=torch.channels_last)
-        preprocessing = Preprocessing.from_dict(meta["preprocessing"])
-        splits = ["val"] + (["test"] if "test" in self.source.splits else [])
-        results = {}
-        for split in splits:
-            metrics, probs = evaluate_split(
-                model,
-                self.source,
-                split,
-                preprocessing,
-                self.runtime,
-                self.config.num_workers,
-                reject=RejectRule.from_run(self.run_dir, meta["reject"])
-                if split != "val" and meta.get("reject")
-                else None,
-            )
-            labels = np.asarray(self.source.splits[split].labels)
-            metrics["calibration"] = calibration_scores(probs, labels)
-            if split == "val":
-                metrics["temperature_scaling"] = calibration
-                metrics["rejection"] = rejection
-            write_evaluation(
-                self.run_dir, metrics, probs, self.source, suffix="" if split == "val" else f"_{split}"
-            )
-            results[split] = metrics
+        results = self.folder.evaluate_and_report(
+            self.source, self.runtime, calibration, rejection, self.config.num_workers
+        )
         metrics = results["val"]
         seconds = time.perf_counter() - self.started
         self.say(format_metrics_table(metrics))
@@ -841,7 +784,7 @@ def train(config: TrainConfig, say: Callable[[str], None] | None = None) -> RunR
     """Train a new run described by ``config``; returns its metrics and folder (None on DDP ranks > 0)."""
     config.validate()
     run_dir = Path(config.out) if config.out else default_run_dir(config.model)
-    if (run_dir / TRAIN_CONFIG).exists():
+    if RunFolder(run_dir).train_config_file.exists():
         raise RunFolderError(
             f"{run_dir} already holds a run: resume it with --resume {run_dir} or choose another --out"
         )
@@ -851,10 +794,7 @@ def train(config: TrainConfig, say: Callable[[str], None] | None = None) -> RunR
 def resume(run_dir: str | Path, say: Callable[[str], None] | None = None) -> RunResult | None:
     """Continue an interrupted run from its last completed epoch, with the same schedule and randomness."""
     run_dir = Path(run_dir)
-    config_path = run_dir / TRAIN_CONFIG
-    if not config_path.is_file():
-        raise RunFolderError(f"{run_dir} is not a resfit run folder (no {TRAIN_CONFIG})")
-    config = TrainConfig.from_dict(json.loads(config_path.read_text()))
+    config = TrainConfig.from_dict(RunFolder(run_dir).read_train_config())
     config.out = str(run_dir)
     return Trainer(config, run_dir, resuming=True, say=say or _print).run()
 
@@ -862,13 +802,12 @@ def resume(run_dir: str | Path, say: Callable[[str], None] | None = None) -> Run
 def lr_find_config(run_or_data: str | Path, overrides: dict | None = None) -> TrainConfig:
     """`resfit lr-find`'s config: an existing run's (a folder with train_config.json), or a new one for a
     dataset, with ``overrides`` (the flags a user gave) on top. The run folder itself is only read."""
-    path = Path(run_or_data)
-    if (path / TRAIN_CONFIG).is_file():
-        config = TrainConfig.from_dict(json.loads((path / TRAIN_CONFIG).read_text()))
-        meta_path = path / MODEL_META
-        if not Path(config.data).exists() and meta_path.is_file():
+    folder = RunFolder(run_or_data)
+    if folder.is_started:
+        config = TrainConfig.from_dict(folder.read_train_config())
+        if not Path(config.data).exists() and folder.has_model:
             # The run's data path was relative to where it was trained; model.json holds it resolved.
-            config.data = json.loads(meta_path.read_text()).get("data", {}).get("path", config.data)
+            config.data = folder.read_meta().get("data", {}).get("path", config.data)
         config.out = None
     else:
         config = TrainConfig(data=str(run_or_data))

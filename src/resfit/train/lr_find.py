@@ -29,7 +29,6 @@ the suggested number would.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Iterator
@@ -47,8 +46,9 @@ from tqdm import tqdm
 from ..data.dataset import ImageDataset
 from ..distributed import DistContext, GlobalBatchSampler
 from ..errors import ConfigError
-from ..fileio import atomic_write, atomic_write_json
+from ..fileio import atomic_write
 from ..hardware import pin_memory
+from ..run_folder import RunFolder
 from .config import DEFAULT_LR
 from .recipe import batch_mixing
 from .state import rng_state, set_rng_state
@@ -71,8 +71,6 @@ SMOOTHING_WINDOW = 9  # steps in the running median: half a decade of lr at 100 
 STOP_AVERAGING = 0.9  # EMA factor of the online divergence check
 MIN_STEPS = 10  # fewer recorded steps than this (divergence at once) cannot be read
 CLAMP = (0.01, 10.0)  # the suggestion stays within these multiples of the optimizer's default lr
-JSON_NAME = "lr_find.json"
-PLOT_NAME = "lr_find.png"
 _PLOT_DPI = 110
 
 
@@ -344,15 +342,15 @@ def plot_range_test(result: RangeTest, path: str | Path) -> None:
 
 def write_range_test(result: RangeTest, folder: str | Path) -> tuple[Path, Path]:
     """``lr_find.json`` and ``lr_find.png`` in ``folder``; returns their paths."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(folder / JSON_NAME, result.to_dict())
-    plot_range_test(result, folder / PLOT_NAME)
-    return folder / JSON_NAME, folder / PLOT_NAME
+    folder = RunFolder(folder)
+    folder.path.mkdir(parents=True, exist_ok=True)
+    folder.write_lr_find(result.to_dict())
+    plot_range_test(result, folder.lr_find_plot)
+    return folder.lr_find_file, folder.lr_find_plot
 
 
 def read_range_test(folder: str | Path) -> RangeTest:
-    return RangeTest(**json.loads((Path(folder) / JSON_NAME).read_text()))
+    return RangeTest(**RunFolder(folder).read_lr_find())
 
 
 # -- inside a run ---------------------------------------------------------------------------------------
@@ -367,7 +365,7 @@ def auto_lr(trainer: Trainer) -> float:
     result = range_test(trainer, START_LR, END_LR, STEPS)
     if trainer.dist.is_main:
         write_range_test(result, trainer.run_dir)
-    trainer.say(f"{describe(result)}; plot: {trainer.run_dir / PLOT_NAME}")
+    trainer.say(f"{describe(result)}; plot: {RunFolder(trainer.run_dir).lr_find_plot}")
     return result.suggestion
 
 

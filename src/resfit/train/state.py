@@ -1,27 +1,20 @@
 """Resume state: tensors in safetensors, everything else in JSON; never a pickle.
 
-Written at the end of every epoch as ``resume/epoch-<k>.safetensors`` then ``resume/state.json``
-(atomically, the JSON last): a kill at any moment leaves the last complete epoch resumable.
+What a run needs to continue after an epoch (model, optimizer, EMA, loss scale, every RNG) packed into
+tensors and plain values; RunFolder writes them (``write_resume``: the JSON last, so a kill at any moment
+leaves the last complete epoch resumable) and reads them back.
 """
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..errors import RunFolderError
-from ..fileio import atomic_write, atomic_write_json
-
-RESUME_DIR = "resume"
-STATE_JSON = "state.json"
-START_WEIGHTS = "start.safetensors"  # the weights fine-tuning started from, for --wise-ft
+from ..run_folder import RunFolder
 
 
 def rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
@@ -93,7 +86,6 @@ def save_state(
 
     ``scaler``: fp16's GradScaler; its loss scale and growth counter are plain numbers, kept in the JSON.
     """
-    folder = Path(run_dir) / RESUME_DIR
     rng_meta, rng_tensors = rng_state()
     optim_meta, optim_tensors = _optimizer_tensors(optimizer)
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -101,41 +93,17 @@ def save_state(
         tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in ema.state_dict().items()})
     tensors.update(optim_tensors)
     tensors.update(rng_tensors)
-    weights_name = f"epoch-{epoch}.safetensors"
-    atomic_write(folder / weights_name, lambda tmp: save_file(tensors, tmp))
-    atomic_write_json(
-        folder / STATE_JSON,
-        {
-            "epoch": epoch,
-            "tensors": weights_name,
-            "optimizer": optim_meta,
-            "scaler": scaler.state_dict() if scaler is not None else {},
-            "rng": rng_meta,
-            **progress,
-        },
-    )
-    for old in folder.glob("epoch-*.safetensors"):
-        if old.name != weights_name:
-            old.unlink(missing_ok=True)
+    state = {
+        "optimizer": optim_meta,
+        "scaler": scaler.state_dict() if scaler is not None else {},
+        "rng": rng_meta,
+        **progress,
+    }
+    RunFolder(run_dir).write_resume(epoch, tensors, state)
 
 
 def load_state(run_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    folder = Path(run_dir) / RESUME_DIR
-    state_path = folder / STATE_JSON
-    if not state_path.is_file():
-        raise RunFolderError(
-            f"{run_dir} has no resume state ({RESUME_DIR}/{STATE_JSON}): it never finished an epoch"
-        )
-    state = json.loads(state_path.read_text())
-    return state, _read_tensors(folder / state["tensors"])
-
-
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """A resume file's tensors; a missing, truncated or foreign file is a run-folder error, not a traceback."""
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as error:
-        raise RunFolderError(f"{path}: not a readable safetensors file ({error})") from None
+    return RunFolder(run_dir).read_resume()
 
 
 def restore(
@@ -159,12 +127,10 @@ def restore(
 
 def save_start_weights(run_dir: Path, model: nn.Module) -> None:
     """The weights after the head stage (where fine-tuning starts): --wise-ft's other end."""
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(Path(run_dir) / RESUME_DIR / START_WEIGHTS, lambda tmp: save_file(tensors, tmp))
+    RunFolder(run_dir).write_start_weights(
+        {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    )
 
 
 def load_start_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    path = Path(run_dir) / RESUME_DIR / START_WEIGHTS
-    if not path.is_file():
-        raise RunFolderError(f"{path} is missing: --wise-ft needs the weights fine-tuning started from")
-    return _read_tensors(path)
+    return RunFolder(run_dir).read_start_weights()

@@ -20,21 +20,17 @@ import numpy as np
 from PIL import Image
 
 from ..errors import ConfigError
-from ..fileio import atomic_write_json
+from ..run_folder import SPLITS, RunFolder
 
 TRACKERS = ("tensorboard", "mlflow")
 # the Python package each backend needs (torch.utils.tensorboard writes through the tensorboard package)
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow"}
-TENSORBOARD_DIR = "tensorboard"
-MLFLOW_DIR = "mlflow"  # the embedded default store: mlflow/mlflow.db and mlflow/artifacts/
-TRACKING_FILE = "tracking.json"  # which MLflow run this folder logs to, so --resume continues it
 DEFAULT_EXPERIMENT = "resfit"
 # Not copied as artifacts: the resume state is scratch (model.safetensors is the kept model), and the
 # embedded MLflow store would be copied into itself.
-NOT_ARTIFACTS = ("resume", MLFLOW_DIR)
+NOT_ARTIFACTS = (RunFolder.RESUME_DIR, RunFolder.MLFLOW_DIR)
 # Not logged as scalars: the row's step and its stage's name (the epoch is the step already).
 NOT_SCALARS = ("epoch", "stage")
-FINAL_METRICS = {"val": "metrics.json", "test": "metrics_test.json"}
 
 
 class Tracker(Protocol):
@@ -95,19 +91,14 @@ def epoch_scalars(row: dict) -> dict[str, float]:
 
 def final_scalars(run_dir: Path) -> dict[str, float]:
     """metrics.json's (and metrics_test.json's) top-level numbers, as ``final/<split>/<name>``."""
-    scalars = {}
-    for split, filename in FINAL_METRICS.items():
-        path = run_dir / filename
-        if not path.is_file():
+    scalars, folder = {}, RunFolder(run_dir)
+    for split in SPLITS:
+        if not folder.metrics_file(split).is_file():
             continue
-        for key, value in json.loads(path.read_text()).items():
+        for key, value in folder.read_metrics(split).items():
             if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
                 scalars[f"final/{split}/{key}"] = float(value)
     return scalars
-
-
-def plot_files(run_dir: Path) -> list[Path]:
-    return sorted(run_dir.glob("*.png"))
 
 
 class TensorBoardTracker:
@@ -134,7 +125,7 @@ class TensorBoardTracker:
     def log_final(self, run_dir: Path) -> None:
         for key, value in final_scalars(run_dir).items():
             self.writer.add_scalar(key, value, global_step=self.last_step)
-        for path in plot_files(run_dir):
+        for path in RunFolder(run_dir).plot_files():
             with Image.open(path) as image:
                 pixels = np.asarray(image.convert("RGB"))
             self.writer.add_image(f"plots/{path.stem}", pixels, global_step=self.last_step, dataformats="HWC")
@@ -150,7 +141,7 @@ def mlflow_tracking_uri(run_dir: Path, mlflow_uri: str | None) -> str:
     SQLite, not a ./mlruns folder: MLflow 3 refuses its file store unless MLFLOW_ALLOW_FILE_STORE is set.
     """
     uri = mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    return uri or f"sqlite:///{(run_dir / MLFLOW_DIR / 'mlflow.db').resolve()}"
+    return uri or f"sqlite:///{(RunFolder(run_dir).mlflow_dir / 'mlflow.db').resolve()}"
 
 
 class MlflowTracker:
@@ -161,8 +152,9 @@ class MlflowTracker:
 
         self.uri = mlflow_tracking_uri(run_dir, mlflow_uri)
         embedded = not (mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI"))
+        folder = RunFolder(run_dir)
         if embedded:
-            (run_dir / MLFLOW_DIR).mkdir(parents=True, exist_ok=True)
+            folder.mlflow_dir.mkdir(parents=True, exist_ok=True)
         self.client = MlflowClient(tracking_uri=self.uri)
         self.run_id = self._previous_run(run_dir) if resuming else None
         if self.run_id is None:
@@ -171,15 +163,13 @@ class MlflowTracker:
             if experiment is not None:
                 experiment_id = experiment.experiment_id
             else:  # the embedded store keeps its artifacts beside its database, in the run folder
-                location = (run_dir / MLFLOW_DIR / "artifacts").resolve().as_uri() if embedded else None
+                location = (folder.mlflow_dir / "artifacts").resolve().as_uri() if embedded else None
                 experiment_id = self.client.create_experiment(name, artifact_location=location)
             run = self.client.create_run(
                 experiment_id, run_name=run_dir.name, tags={"resfit.run_dir": str(run_dir.resolve())}
             )
             self.run_id = run.info.run_id
-            atomic_write_json(
-                run_dir / TRACKING_FILE, {"mlflow": {"tracking_uri": self.uri, "run_id": self.run_id}}
-            )
+            folder.write_tracking({"mlflow": {"tracking_uri": self.uri, "run_id": self.run_id}})
         else:
             self.client.update_run(self.run_id, status="RUNNING")
         # the epochs this run has (val_acc is in every history row): a resumed run's replay skips them
@@ -188,10 +178,10 @@ class MlflowTracker:
 
     def _previous_run(self, run_dir: Path) -> str | None:
         """The run an interrupted training logged to, if it went to this same store."""
-        path = run_dir / TRACKING_FILE
-        if not path.is_file():
+        tracking = RunFolder(run_dir).read_tracking()
+        if tracking is None:
             return None
-        previous = json.loads(path.read_text()).get("mlflow", {})
+        previous = tracking.get("mlflow", {})
         return previous.get("run_id") if previous.get("tracking_uri") == self.uri else None
 
     def log_params(self, params: dict) -> None:
@@ -274,7 +264,7 @@ def open_tracking(
     check_trackers(log, mlflow_uri)
     require_tracker_packages(log)
     openers = {
-        "tensorboard": lambda: TensorBoardTracker(run_dir / TENSORBOARD_DIR, resuming),
+        "tensorboard": lambda: TensorBoardTracker(RunFolder(run_dir).tensorboard_dir, resuming),
         "mlflow": lambda: MlflowTracker(run_dir, mlflow_uri, resuming),
     }
     trackers: dict[str, Tracker] = {}
@@ -289,6 +279,6 @@ def open_tracking(
             reason = " ".join(f"{type(error).__name__}: {error}".split())[:300]
             say(f"warning: {name} tracking not started ({reason}); training continues without it")
             continue
-        where = run_dir / TENSORBOARD_DIR if name == "tensorboard" else trackers[name].uri
+        where = RunFolder(run_dir).tensorboard_dir if name == "tensorboard" else trackers[name].uri
         say(f"tracking: {name} -> {where}")
     return Tracking(trackers, say)
