@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from provenance import record, stamp
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from resfit.data.dataset import ImageDataset
 from resfit.data.decoded_cache import decoded_caches
@@ -53,6 +54,28 @@ def optimizer_and_loss(model: nn.Module, recipe: TrainConfig | None):
     optimizer, frozen = finetune_optimizer(model, recipe)
     set_train_mode(model, model, recipe, frozen)
     return optimizer, nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+
+
+def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
+    """The CPU's measured fp32 matmul rate at the current thread count (median of ``repeats``): the
+    yardstick a training step's useful arithmetic is held against."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    rates = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        torch.mm(a, b)
+        rates.append(2 * size**3 / (time.perf_counter() - started) / 1e9)
+    return statistics.median(rates)
+
+
+def step_gflop_per_image(loader, step_fn) -> float:
+    """Floating-point operations one training step really performs per image (PyTorch's own counter:
+    convolutions and matmuls forward and backward), so a path that skips work is not credited for it."""
+    images, labels = next(iter(loader))
+    with FlopCounterMode(display=False) as counter:
+        step_fn(images, labels)
+    return counter.get_total_flops() / len(labels) / 1e9
 
 
 def images_per_second(model, loader, steps: int, step_fn) -> float:
@@ -84,8 +107,8 @@ FROZEN_BLOCKS = {"frozen1": 1, "frozen2": 2}
 
 def training_throughput(
     source, size: int, batch: int, steps: int, path: str, precision: str = "auto"
-) -> float:
-    """Images/s of one training path; the model, data, batch and optimizer (AdamW) are the same for all
+) -> tuple[float, float]:
+    """(images/s, GFLOP per image really computed) of one training path; the model, data, batch and optimizer (AdamW) are the same for all
     (resfit's AdamW has its layer-wise lr groups).
 
     eager:    the tutorial loop: fp32, NCHW, every layer trained, BatchNorm in training mode, no workers.
@@ -131,7 +154,7 @@ def training_throughput(
         loss.backward()
         optimizer.step()
 
-    return images_per_second(model, loader, steps, step)
+    return images_per_second(model, loader, steps, step), step_gflop_per_image(loader, step)
 
 
 def head_epoch_seconds(source, size: int, batch: int) -> tuple[float, float, float]:
@@ -195,23 +218,45 @@ def main() -> None:
         f"torch {torch.__version__}; {args.repeats} repeats of {args.steps} steps at batch {args.batch}; medians"
     )
     source, _ = load_dataset(args.data)
-    report = {"benchmark": "training_speed", "args": vars(args), "device": runtime.describe(), "sizes": {}}
+    matmul = matmul_gflops()
+    print(f"measured fp32 matmul (2048x2048, this thread count): {matmul:.1f} GFLOP/s")
+    report = {
+        "benchmark": "training_speed",
+        "args": vars(args),
+        "device": runtime.describe(),
+        "isa_limits": dict(zip(("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY"), isa, strict=True))
+        | {"MKL_ENABLE_INSTRUCTIONS": os.environ.get("MKL_ENABLE_INSTRUCTIONS")},
+        "matmul_gflops": matmul,
+        "sizes": {},
+    }
     print("\n(a) training images/s, ResNet-50, data loading included")
     print(" | ".join([f"{'size':>5}", *(f"{PATH_NAMES[p]:>16}" for p in PATHS), "ratios to eager"]))
     for size in (int(s) for s in args.sizes.split(",")):
         samples = {p: [] for p in PATHS}
+        gflop = {}
         for _ in range(args.repeats):  # the paths alternate within each repeat: drift hits all alike
             for path in PATHS:
-                samples[path].append(
-                    training_throughput(source, size, args.batch, args.steps, path, args.precision)
+                rate, gflop[path] = training_throughput(
+                    source, size, args.batch, args.steps, path, args.precision
                 )
+                samples[path].append(rate)
         medians = {p: statistics.median(v) for p, v in samples.items()}
         ratios = ", ".join(f"{medians[p] / medians['eager']:.2f}x" for p in PATHS[1:])
         print(" | ".join([f"{size:>5}", *(f"{medians[p]:>16.2f}" for p in PATHS), ratios]), flush=True)
+        of_matmul = {p: medians[p] * gflop[p] / matmul for p in PATHS}
+        print(
+            f"{'':>5}   GFLOP per image computed: "
+            + ", ".join(f"{PATH_NAMES[p]} {gflop[p]:.1f}" for p in PATHS)
+            + "\n      fraction of the measured matmul rate: "
+            + ", ".join(f"{PATH_NAMES[p]} {of_matmul[p]:.0%}" for p in PATHS),
+            flush=True,
+        )
         report["sizes"][size] = {
             "images_per_s": samples,
             "medians": medians,
             "x_eager": {p: medians[p] / medians["eager"] for p in PATHS},
+            "gflop_per_image": gflop,
+            "fraction_of_matmul_rate": of_matmul,
         }
     out = REPO / "benchmarks" / "results" / f"training_speed-{stamp()}.json"
     out.write_text(json.dumps(report | {"provenance": record()}, indent=2) + "\n")
