@@ -113,13 +113,13 @@ RECIPES = {
     "resfit-160px-wise": Recipe(
         "resfit", {"img_size": 160, "wise_ft": 0.5}, "WiSE-FT's midpoint, trained and tested at 160 px"
     ),
-    # Issue #17: a step without the lowest blocks' backward is the only way past 1.5x eager fp32 on AVX2.
+    # Issue #17: the default leaves stem + layer1 untrained (no backward through them); these train more.
     "resfit-frozen1": Recipe(
-        "resfit", {"frozen_blocks": 1}, "the default with the stem left as the source's"
+        "resfit",
+        {"frozen_blocks": 1},
+        "the default with layer1 trained too (only the stem left as the source's)",
     ),
-    "resfit-frozen2": Recipe(
-        "resfit", {"frozen_blocks": 2}, "the default with the stem and layer1 left as the source's"
-    ),
+    "resfit-all-blocks": Recipe("resfit", {"frozen_blocks": 0}, "the default with every block trained"),
 }
 REFERENCE = "resfit"  # paired differences are every other recipe against this one (and probe vs probe)
 EXTRA_PAIRS = [("resfit-probe", "sklearn-probe")]

@@ -35,11 +35,11 @@ from resfit.data.scan import load_dataset
 from resfit.data.transforms import Preprocessing
 from resfit.evaluate import to_device
 from resfit.hardware import apply_threads, default_num_workers, resolve_runtime
-from resfit.models import IMAGENET_MEAN, IMAGENET_STD, build_model, forward_features
+from resfit.models import IMAGENET_MEAN, IMAGENET_STD, PretrainedSource, build_model, forward_features
 from resfit.train import TrainConfig
 from resfit.train.folded_bn import training_network
 from resfit.train.head import extract_features
-from resfit.train.loop import finetune_optimizer, set_train_mode
+from resfit.train.loop import default_frozen_blocks, finetune_optimizer, set_train_mode
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,7 +56,7 @@ def optimizer_and_loss(model: nn.Module, recipe: TrainConfig | None):
     return optimizer, nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
 
 
-def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
+def matmul_gflops(size: int = 4096, repeats: int = 5) -> float:
     """The CPU's measured fp32 matmul rate at the current thread count (median of ``repeats``): the
     yardstick a training step's useful arithmetic is held against."""
     a, b = torch.randn(size, size), torch.randn(size, size)
@@ -93,16 +93,17 @@ def images_per_second(model, loader, steps: int, step_fn) -> float:
     return seen / (time.perf_counter() - started)
 
 
-PATHS = ("eager", "autocast", "unfolded", "resfit", "frozen1", "frozen2")
+PATHS = ("eager", "autocast", "unfolded", "all-blocks", "frozen1", "resfit")
 PATH_NAMES = {
     "eager": "eager fp32 NCHW",
     "autocast": "precision+layout",
-    "unfolded": "BN not folded",
+    "unfolded": "all, BN unfolded",
+    "all-blocks": "all blocks",
+    "frozen1": "stem frozen",
     "resfit": "resfit default",
-    "frozen1": "--frozen-blocks 1",
-    "frozen2": "--frozen-blocks 2",
 }
-FROZEN_BLOCKS = {"frozen1": 1, "frozen2": 2}
+# resfit's default from pretrained weights is --frozen-blocks 2 (loop.default_frozen_blocks; main() checks)
+FROZEN_BLOCKS = {"unfolded": 0, "all-blocks": 0, "frozen1": 1, "resfit": 2}
 
 
 def training_throughput(
@@ -113,18 +114,18 @@ def training_throughput(
 
     eager:    the tutorial loop: fp32, NCHW, every layer trained, BatchNorm in training mode, no workers.
     autocast: the same step with the detected precision (bf16 autocast here) and channels_last only.
-    unfolded: resfit's step below, but its frozen BatchNorms run as BatchNorms (resfit before the fold).
     resfit:   resfit's default fine-tuning step: that precision and layout plus its recipe (BatchNorm
-              frozen and folded into the convolutions, the lowest --frozen-blocks left untrained,
-              layer-wise lr groups, label smoothing), its DataLoader workers, and the decoded-image cache
-              where ``auto`` turns it on.
-    frozen1/2: resfit's step with ``--frozen-blocks 1`` (the stem untrained) or 2 (stem and layer1): no
-              backward through them.
+              frozen and folded into the convolutions, stem and layer1 left untrained (``--frozen-blocks
+              2``: no backward pass through them), layer-wise lr groups, label smoothing), its DataLoader
+              workers, and the decoded-image cache where ``auto`` turns it on.
+    all-blocks: that step with every block trained (``--frozen-blocks 0``).
+    unfolded: all-blocks with its frozen BatchNorms run as BatchNorms (resfit before the fold).
+    frozen1:  that step with only the stem untrained (``--frozen-blocks 1``).
     """
     torch.manual_seed(0)
     runtime = resolve_runtime("cpu", "fp32" if path == "eager" else precision)
     apply_threads(runtime)
-    recipe = TrainConfig(frozen_blocks=FROZEN_BLOCKS.get(path, 0))
+    recipe = TrainConfig(frozen_blocks=FROZEN_BLOCKS.get(path))
     resfit_step = path not in ("eager", "autocast")
     prep = Preprocessing.for_size(size, IMAGENET_MEAN, IMAGENET_STD)
     # The decoded-image cache is built once before timing, like the feature cache (a one-off cost,
@@ -217,16 +218,17 @@ def main() -> None:
     print(
         f"torch {torch.__version__}; {args.repeats} repeats of {args.steps} steps at batch {args.batch}; medians"
     )
+    pretrained = PretrainedSource(kind="file", description="")
+    assert FROZEN_BLOCKS["resfit"] == default_frozen_blocks(pretrained), "resfit's default changed"
     source, _ = load_dataset(args.data)
-    matmul = matmul_gflops()
-    print(f"measured fp32 matmul (2048x2048, this thread count): {matmul:.1f} GFLOP/s")
+    apply_threads(runtime)
+    matmul_samples = [matmul_gflops()]
     report = {
         "benchmark": "training_speed",
         "args": vars(args),
         "device": runtime.describe(),
         "isa_limits": dict(zip(("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY"), isa, strict=True))
         | {"MKL_ENABLE_INSTRUCTIONS": os.environ.get("MKL_ENABLE_INSTRUCTIONS")},
-        "matmul_gflops": matmul,
         "sizes": {},
     }
     print("\n(a) training images/s, ResNet-50, data loading included")
@@ -240,12 +242,15 @@ def main() -> None:
                     source, size, args.batch, args.steps, path, args.precision
                 )
                 samples[path].append(rate)
+        matmul_samples.append(matmul_gflops())  # before and after each size: the machine drifts
+        matmul = statistics.median(matmul_samples)
         medians = {p: statistics.median(v) for p, v in samples.items()}
         ratios = ", ".join(f"{medians[p] / medians['eager']:.2f}x" for p in PATHS[1:])
         print(" | ".join([f"{size:>5}", *(f"{medians[p]:>16.2f}" for p in PATHS), ratios]), flush=True)
         of_matmul = {p: medians[p] * gflop[p] / matmul for p in PATHS}
         print(
-            f"{'':>5}   GFLOP per image computed: "
+            f"{'':>5}   fp32 matmul (4096x4096, this thread count) {matmul:.0f} GFLOP/s (median of "
+            f"{len(matmul_samples)}); GFLOP per image computed: "
             + ", ".join(f"{PATH_NAMES[p]} {gflop[p]:.1f}" for p in PATHS)
             + "\n      fraction of the measured matmul rate: "
             + ", ".join(f"{PATH_NAMES[p]} {of_matmul[p]:.0%}" for p in PATHS),
@@ -258,6 +263,7 @@ def main() -> None:
             "gflop_per_image": gflop,
             "fraction_of_matmul_rate": of_matmul,
         }
+    report["matmul_gflops"] = {"samples": matmul_samples, "median": statistics.median(matmul_samples)}
     out = REPO / "benchmarks" / "results" / f"training_speed-{stamp()}.json"
     out.write_text(json.dumps(report | {"provenance": record()}, indent=2) + "\n")
     print(f"wrote {out}")

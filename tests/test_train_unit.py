@@ -167,3 +167,23 @@ def test_damaged_resume_weights_are_a_run_folder_error(unordered_classes, tmp_pa
         resume(run, say=lambda _: None)
     with pytest.raises(RunFolderError, match="fc.weight"):
         interpolate_weights({"fc.weight": torch.zeros(2, 3)}, {"fc.weight": torch.zeros(3, 3)}, 0.5)
+
+
+@pytest.mark.parametrize("pretrained", [True, False])
+def test_frozen_blocks_default_to_stem_and_layer1_from_pretrained_weights_only(
+    unordered_classes, tmp_path, pretrained
+):
+    """Without --frozen-blocks, a run from pretrained weights leaves stem + layer1 untrained (level accuracy
+    in the suite, faster steps) and a run from scratch trains every block; the resolved value is stored
+    for --resume."""
+    from resfit.models import build_model
+
+    weights = "none"
+    if pretrained:
+        weights = str(tmp_path / "source-resnet18.pth")
+        torch.save(build_model("resnet18", 3).state_dict(), weights)
+    config = small_config(unordered_classes, tmp_path / "run", weights=weights, epochs=0)
+    assert config.frozen_blocks is None
+    train(config, say=lambda _: None)
+    stored = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert stored["frozen_blocks"] == (2 if pretrained else 0)

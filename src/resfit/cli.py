@@ -163,8 +163,9 @@ def _add_train_flags(p, weights_help: str) -> None:
         "--frozen-blocks",
         type=int,
         default=defaults.frozen_blocks,
-        help="lowest backbone blocks left untrained in fine-tuning: 0 none (default), 1 the stem, "
-        "2 stem + layer1 (skips their backward pass: faster steps, a little less accuracy), up to 5",
+        help="lowest backbone blocks left untrained in fine-tuning: 0 none, 1 the stem, 2 stem + layer1 "
+        "(default from pretrained weights: no backward pass through them, level accuracy in the suite; "
+        "0 from scratch), up to 5",
     )
     p.add_argument("--warmup-epochs", type=float, default=defaults.warmup_epochs)
     p.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing)

@@ -43,9 +43,9 @@ class TrainConfig:
     optimizer: str = "adamw"
     weight_decay: float = 0.05
     layer_decay: float = 0.5
-    # the lowest backbone blocks fine-tuning leaves as the source trained them (2 = stem + layer1: about
-    # 1.2x faster steps, but 0.7-3 points lower accuracy measured on flowers5 and ants/bees)
-    frozen_blocks: int = 0
+    # the lowest backbone blocks fine-tuning leaves as the source trained them; None: 2 (stem + layer1,
+    # as detectron2's FREEZE_AT=2) from pretrained weights, 0 from scratch (see default_frozen_blocks)
+    frozen_blocks: int | None = None
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.1
     dropout: float = 0.0
@@ -124,7 +124,7 @@ class TrainConfig:
                 f"decoded-cache must be one of {DECODED_CACHE_MODES}, got {self.decoded_cache!r}",
             ),
             (
-                0 <= self.frozen_blocks <= MAX_FROZEN_BLOCKS,
+                self.frozen_blocks is None or 0 <= self.frozen_blocks <= MAX_FROZEN_BLOCKS,
                 f"frozen-blocks must be in 0..{MAX_FROZEN_BLOCKS}, got {self.frozen_blocks}",
             ),
             (0 < self.layer_decay <= 1, f"layer-decay must be in (0, 1], got {self.layer_decay}"),
