@@ -1,9 +1,10 @@
 """Training speed side by side, in one run, data loading included:
 
 (a) images/s of resfit's default training step (detected precision + channels_last, its recipe's frozen
-    BatchNorm statistics, its DataLoader settings), and of that step with ``--frozen-blocks 2``, against
-    the plain eager fp32 NCHW loop of the PyTorch tutorial, same data, model, batch and resolution; a
-    middle column isolates what precision and layout alone give;
+    BatchNorm statistics folded into the convolutions, stem + layer1 untrained, its DataLoader settings),
+    and of that step with more blocks trained, against the plain eager fp32 NCHW loop of the PyTorch
+    tutorial, same data, model, batch and resolution; a middle column isolates what precision and layout
+    alone give; beside them the CPU's measured fp32 matmul rate and each path's counted GFLOP per image;
 (b) one head-training epoch on a frozen backbone: forward passes through the backbone every epoch, against
     resfit's cached pooled features.
 
@@ -109,8 +110,8 @@ FROZEN_BLOCKS = {"unfolded": 0, "all-blocks": 0, "frozen1": 1, "resfit": 2}
 def training_throughput(
     source, size: int, batch: int, steps: int, path: str, precision: str = "auto"
 ) -> tuple[float, float]:
-    """(images/s, GFLOP per image really computed) of one training path; the model, data, batch and optimizer (AdamW) are the same for all
-    (resfit's AdamW has its layer-wise lr groups).
+    """(images/s, GFLOP per image really computed) of one training path; the model, data, batch and
+    optimizer (AdamW) are the same for all (resfit's AdamW has its layer-wise lr groups).
 
     eager:    the tutorial loop: fp32, NCHW, every layer trained, BatchNorm in training mode, no workers.
     autocast: the same step with the detected precision (bf16 autocast here) and channels_last only.
