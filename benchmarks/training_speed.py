@@ -208,9 +208,18 @@ def main() -> None:
         default="auto",
         help="resfit's precision (default: what it detects); fp32 shows its path on a CPU without native bf16",
     )
+    parser.add_argument(
+        "--paths",
+        default=",".join(PATHS),
+        help=f"comma-separated training paths to time (eager is always one): {', '.join(PATHS)}",
+    )
     parser.add_argument("--skip-head", action="store_true", help="only (a)")
     parser.add_argument("--head-data", default=str(REPO.parent / "shared" / "data" / "flowers5"))
     args = parser.parse_args()
+    unknown = set(args.paths.split(",")) - set(PATHS)
+    if unknown:
+        parser.error(f"unknown --paths {', '.join(sorted(unknown))}; choose from {', '.join(PATHS)}")
+    paths = ("eager", *(p for p in PATHS[1:] if p in args.paths.split(",")))
     runtime = resolve_runtime("cpu", args.precision)
     print(f"device: {runtime.describe()}")
     isa = os.environ.get("ONEDNN_MAX_CPU_ISA"), os.environ.get("ATEN_CPU_CAPABILITY")
@@ -233,12 +242,12 @@ def main() -> None:
         "sizes": {},
     }
     print("\n(a) training images/s, ResNet-50, data loading included")
-    print(" | ".join([f"{'size':>5}", *(f"{PATH_NAMES[p]:>16}" for p in PATHS), "ratios to eager"]))
+    print(" | ".join([f"{'size':>5}", *(f"{PATH_NAMES[p]:>16}" for p in paths), "ratios to eager"]))
     for size in (int(s) for s in args.sizes.split(",")):
-        samples = {p: [] for p in PATHS}
+        samples = {p: [] for p in paths}
         gflop = {}
         for _ in range(args.repeats):  # the paths alternate within each repeat: drift hits all alike
-            for path in PATHS:
+            for path in paths:
                 rate, gflop[path] = training_throughput(
                     source, size, args.batch, args.steps, path, args.precision
                 )
@@ -246,21 +255,30 @@ def main() -> None:
         matmul_samples.append(matmul_gflops())  # before and after each size: the machine drifts
         matmul = statistics.median(matmul_samples)
         medians = {p: statistics.median(v) for p, v in samples.items()}
-        ratios = ", ".join(f"{medians[p] / medians['eager']:.2f}x" for p in PATHS[1:])
-        print(" | ".join([f"{size:>5}", *(f"{medians[p]:>16.2f}" for p in PATHS), ratios]), flush=True)
-        of_matmul = {p: medians[p] * gflop[p] / matmul for p in PATHS}
+        ratios = ", ".join(f"{medians[p] / medians['eager']:.2f}x" for p in paths[1:])
+        # each repeat's ratio, its paths timed back to back: the spread says how far one run's ratio can be
+        paired = {p: sorted(r / e for r, e in zip(samples[p], samples["eager"], strict=True)) for p in paths}
+        print(" | ".join([f"{size:>5}", *(f"{medians[p]:>16.2f}" for p in paths), ratios]), flush=True)
+        of_matmul = {p: medians[p] * gflop[p] / matmul for p in paths}
         print(
             f"{'':>5}   fp32 matmul (4096x4096, this thread count) {matmul:.0f} GFLOP/s (median of "
             f"{len(matmul_samples)}); GFLOP per image computed: "
-            + ", ".join(f"{PATH_NAMES[p]} {gflop[p]:.1f}" for p in PATHS)
+            + ", ".join(f"{PATH_NAMES[p]} {gflop[p]:.1f}" for p in paths)
             + "\n      fraction of the measured matmul rate: "
-            + ", ".join(f"{PATH_NAMES[p]} {of_matmul[p]:.0%}" for p in PATHS),
+            + ", ".join(f"{PATH_NAMES[p]} {of_matmul[p]:.0%}" for p in paths)
+            + "\n      each repeat's ratio to eager (min, median, max): "
+            + ", ".join(
+                f"{PATH_NAMES[p]} {v[0]:.2f} / {statistics.median(v):.2f} / {v[-1]:.2f}"
+                for p, v in paired.items()
+                if p != "eager"
+            ),
             flush=True,
         )
         report["sizes"][size] = {
             "images_per_s": samples,
             "medians": medians,
-            "x_eager": {p: medians[p] / medians["eager"] for p in PATHS},
+            "x_eager": {p: medians[p] / medians["eager"] for p in paths},
+            "x_eager_per_repeat": paired,
             "gflop_per_image": gflop,
             "fraction_of_matmul_rate": of_matmul,
         }
