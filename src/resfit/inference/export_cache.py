@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -146,6 +147,10 @@ INT8_CHECK_IMAGES = 200  # per split checked (validation, training)
 # back in fp32, up to this many times: on the default ants/bees run 18 of 73 quantizers went back to fp32
 # and validation agreement rose from 98.7% to 100%, with training images it never saw at 100% either way.
 INT8_RESTORE_STEPS = 30
+# NNCF ranks every quantizer group by the accuracy of the model with that group back in fp32, on this many
+# validation images: the ones plain int8 flips first, then others. Left to NNCF it is the calibration size
+# (so every validation image), and that ranking was most of the 678 s first load above.
+INT8_RANKING_IMAGES = 50
 
 
 def int8_gate() -> dict:
@@ -169,14 +174,18 @@ def int8_split(train: list, calibration: int = INT8_CALIBRATION_IMAGES, check: i
 
 
 def cached_int8_export(
-    run: LoadedRun, cache_dir: Path, say: Callable[[str], None] | None = None
+    run: LoadedRun,
+    cache_dir: Path,
+    say: Callable[[str], None] | None = None,
+    ranking_images: int | None = INT8_RANKING_IMAGES,
 ) -> tuple[Path, str]:
     """(int8 IR, one-line summary of its agreement with fp32); quantizes once per model, refuses if it disagrees.
 
     The first time costs the quantization (up to 300 calibration images), the fp32 and int8 passes over up to
     400 check images and, where plain int8 flips too many, NNCF's accuracy control (its ranking of layers
     dominated: 678 s for the default ants/bees run on a busy 2-core machine); then nothing: the verdict is
-    cached either way, so a refused model is not quantized again.
+    cached either way, so a refused model is not quantized again. ``ranking_images``: NNCF's ranking subset
+    (None: NNCF's own choice, every validation image; benchmarks/int8_first_load.py compares them).
     """
     fp32_ir = cached_export(run, "openvino", cache_dir, say)
     path, verdict_path = fp32_ir.with_name("model-int8.xml"), fp32_ir.with_name("model-int8.json")
@@ -217,7 +226,8 @@ def cached_int8_export(
         fp32 = TorchBackend(model, "fp32")
         references = {split: fp32(images)[:, :classes] for split, images in checks.items()}
         expected = references["validation"].argmax(1)
-        _quantize(nncf, fp32_ir, calibration, staged, checks["validation"], expected, classes)
+        started = time.perf_counter()
+        _quantize(nncf, fp32_ir, calibration, staged, checks["validation"], expected, classes, ranking_images)
         engine = OpenVinoBackend(staged, max(1, torch.get_num_threads()), "int8")
         agreements, worst = {}, 0.0
         for split, images in checks.items():
@@ -227,6 +237,7 @@ def cached_int8_export(
             agreements[split] = float((quantized.argmax(1) == reference.argmax(1)).mean())
             worst = max(worst, float(np.abs(quantized - reference).max()))
         kept = min(agreements.values()) >= INT8_MIN_AGREEMENT
+        seconds = time.perf_counter() - started
         summary = (
             "int8 agreed with fp32 on "
             + " and ".join(f"{agreements[s]:.1%} of {len(checks[s])} {s} images" for s in checks)
@@ -245,8 +256,12 @@ def cached_int8_export(
             "images": {s: len(v) for s, v in checks.items()},
             "gate": int8_gate(),
             "summary": summary,
+            "quantize_seconds": round(seconds, 1),
+            "ranking_images": ranking_images,
         },
     )
+    if say is not None:
+        say(f"int8 quantized and checked in {seconds:.0f} s, once: {'kept' if kept else 'not kept'}")
     if not kept:
         raise ExportError(summary)
     return path, summary
@@ -271,11 +286,13 @@ def _quantize(
     check: np.ndarray,
     expected: np.ndarray,
     classes: int,
+    ranking_images: int | None = INT8_RANKING_IMAGES,
 ) -> None:
     """NNCF post-training quantization of the fp32 IR under accuracy control: where int8 flips more than
     1 - INT8_MIN_AGREEMENT of fp32's answers ``expected`` (class indices among the first ``classes``
     outputs) on ``check`` (validation images), the layers that flip most go back to fp32, one group at a
-    time (at most INT8_RESTORE_STEPS). Logs and progress kept off stdout."""
+    time (at most INT8_RESTORE_STEPS), ranked on ``ranking_images`` of them. Logs and progress kept off
+    stdout."""
     import openvino as ov
     from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
 
@@ -300,7 +317,9 @@ def _quantize(
                 # the classifier head stays fp32 (see int8_gate); no MatMul at all is not an error
                 ignored_scope=nncf.IgnoredScope(types=["MatMul"], validate=False),
                 advanced_accuracy_restorer_parameters=AdvancedAccuracyRestorerParameters(
-                    max_num_iterations=INT8_RESTORE_STEPS, num_ranking_workers=1
+                    max_num_iterations=INT8_RESTORE_STEPS,
+                    num_ranking_workers=1,
+                    ranking_subset_size=ranking_images,
                 ),
             )
     finally:
