@@ -283,6 +283,9 @@ def summarize(rows: list[dict]) -> dict:
                     np.sum([x["wall_s"] for x in runs_a]) / np.sum([y["wall_s"] for y in runs_b])
                 ),
                 "cpu_ratio": _ratio(runs_a, runs_b, "cpu_s"),
+                # per fold run a's time over b's (they ran side by side): geometric mean and plain t interval
+                "wall_ratio_paired": _paired_ratio(runs_a, runs_b, "wall_s"),
+                "cpu_ratio_paired": _paired_ratio(runs_a, runs_b, "cpu_s"),
                 "a_better_folds": int(sum(d > 0 for d in diffs)),
                 "b_better_folds": int(sum(d < 0 for d in diffs)),
             }
@@ -316,6 +319,28 @@ def _ratio(runs_a: list[dict], runs_b: list[dict], key: str) -> float | None:
     if not all(key in r for r in runs_a + runs_b):
         return None
     return float(np.sum([r[key] for r in runs_a]) / np.sum([r[key] for r in runs_b]))
+
+
+def _paired_ratio(runs_a: list[dict], runs_b: list[dict], key: str) -> dict | None:
+    """a's ``key`` over b's, fold run by fold run: exp of the t interval of the log ratios (None without
+    the key). Times are not estimates from overlapping training sets, so no Nadeau-Bengio correction."""
+    if not all(key in r for r in runs_a + runs_b):
+        return None
+    logs = [math.log(x[key] / y[key]) for x, y in zip(runs_a, runs_b, strict=True)]
+    interval = t_interval(logs)
+    return {
+        name: (None if interval[name] is None else math.exp(interval[name]))
+        for name in ("mean", "low", "high")
+    } | {"n": interval["n"]}
+
+
+def _fmt_ratio(pair: dict, key: str) -> str:
+    total, paired = pair.get(key), pair.get(f"{key}_paired")
+    if total is None:
+        return ""
+    if not paired or paired["low"] is None:
+        return f"{total:.2f}"
+    return f"{total:.2f} (paired {paired['mean']:.2f} [{paired['low']:.2f}, {paired['high']:.2f}])"
 
 
 def _overlap_correction(runs: list[dict]) -> float:
@@ -407,7 +432,7 @@ def markdown_tables(summary: dict) -> str:
             lines.append(
                 f"| {pair['a']} - {pair['b']} | {pair['fold_runs']} | {_fmt_interval(pair['difference'], signed=True)} "
                 f"| {plain_text} | {boot_text} | {pair['a_better_folds']} / {pair['b_better_folds']} "
-                f"| {pair['wall_ratio']:.2f} | {'' if pair['cpu_ratio'] is None else format(pair['cpu_ratio'], '.2f')} |"
+                f"| {_fmt_ratio(pair, 'wall_ratio')} | {_fmt_ratio(pair, 'cpu_ratio')} |"
             )
         lines.append("")
     return "\n".join(lines)
@@ -1038,7 +1063,14 @@ def main() -> None:
     parser.add_argument(
         "--machine-note", default="", help="recorded with the machine, e.g. 'machine was shared'"
     )
+    parser.add_argument(
+        "--summarize", metavar="JSON", help="print the tables of a suite's result JSON again (runs nothing)"
+    )
     args = parser.parse_args()
+    if args.summarize:
+        rows = json.loads(Path(args.summarize).read_text())["rows"]
+        print(markdown_tables(summarize(rows)))
+        return
     if args.resume:  # the interrupted suite's own arguments, so its settings cannot drift
         resume = args.resume
         args = parser.parse_args(json.loads(Path(resume).read_text())["argv"])

@@ -185,13 +185,16 @@ def bench_arch(arch: str, args, work: Path, trained: Path | None = None) -> dict
     for _ in range(args.repeats):
         for label, runner in runners.items():
             rates[label].append(images_per_second(runner, batch, args.calls))
+    # A run with a feature-based "unknown" rule has PyTorch's model output its pooled features after the
+    # logits; the answers are the first len(class_names) columns of every engine's output.
+    classes = len(json.loads((run / "model.json").read_text())["class_names"])
     reference = np.concatenate(
         [runners[configs[0].label](photos[i : i + 32]) for i in range(0, len(photos), 32)]
-    )
+    )[:, :classes]
     rows = []
     base = statistics.median(rates[configs[0].label])
     for label, runner in runners.items():
-        logits = np.concatenate([runner(photos[i : i + 32]) for i in range(0, len(photos), 32)])
+        logits = np.concatenate([runner(photos[i : i + 32]) for i in range(0, len(photos), 32)])[:, :classes]
         rate = statistics.median(rates[label])
         rows.append(
             {
