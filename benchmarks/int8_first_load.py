@@ -68,6 +68,7 @@ def main() -> None:
     photos = [prep(image) for _, image in run_images(run.meta, "val", args.batch, "time int8 on")]
     batch = torch.stack(photos).numpy()
     rows = []
+    out = REPO / "benchmarks" / "results" / f"int8_first_load-{stamp()}.json"
     for value in args.ranking.split(","):
         ranking = None if value == "none" else int(value)
         with tempfile.TemporaryDirectory(prefix="int8-first-load-") as cache:
@@ -101,6 +102,13 @@ def main() -> None:
                 )
         rows.append(row)
         print(json.dumps(row), flush=True)
+        report = {
+            "benchmark": "int8_first_load",
+            "args": vars(args),
+            "device": runtime.describe(),
+            "rows": rows,
+        }
+        out.write_text(json.dumps(report | {"provenance": record()}, indent=2) + "\n")  # after every row
     print("\nranking images | first load s | kept | int8 quantizers | int8 / fp32 OpenVINO img/s")
     for row in rows:
         speed = f"{row['int8_x_fp32']:.2f}x" if row["kept"] else "-"
@@ -108,9 +116,6 @@ def main() -> None:
         print(
             f"{row['ranking_images']:>14} | {row['first_load_s']:>12.0f} | {row['kept']!s:>4} | {quantizers:>15} | {speed}"
         )
-    out = REPO / "benchmarks" / "results" / f"int8_first_load-{stamp()}.json"
-    report = {"benchmark": "int8_first_load", "args": vars(args), "device": runtime.describe(), "rows": rows}
-    out.write_text(json.dumps(report | {"provenance": record()}, indent=2) + "\n")
     print(f"wrote {out}")
 
 
