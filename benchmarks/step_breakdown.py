@@ -18,7 +18,6 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,8 +32,8 @@ def block_of(name: str) -> str:
 def measure(path: str, size: int, batch: int, steps: int, precision: str) -> dict:
     """One path's phase and per-block figures, in this process."""
     import torch
-    from torch import nn
     from torch.utils.flop_counter import FlopCounterMode
+    from training_speed import optimizer_and_loss
 
     from resfit.data.dataset import ImageDataset
     from resfit.data.scan import load_dataset
@@ -44,7 +43,7 @@ def measure(path: str, size: int, batch: int, steps: int, precision: str) -> dic
     from resfit.models import IMAGENET_MEAN, IMAGENET_STD, PretrainedSource, build_model
     from resfit.train import TrainConfig
     from resfit.train.folded_bn import training_network
-    from resfit.train.loop import default_frozen_blocks, finetune_optimizer, set_train_mode
+    from resfit.train.loop import default_frozen_blocks
 
     runtime = resolve_runtime("cpu", "fp32" if path == "eager" else precision)
     apply_threads(runtime)
@@ -55,20 +54,11 @@ def measure(path: str, size: int, batch: int, steps: int, precision: str) -> dic
     dataset = ImageDataset(source, "train", prep.train_transform(recipe.augment, recipe.min_crop_scale))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=0)
     model = build_model("resnet50", len(source.class_names))
-    if path == "eager":
-        model.train()
-        optimizer, criterion, network = (
-            torch.optim.AdamW(model.parameters(), lr=1e-4),
-            nn.CrossEntropyLoss(),
-            model,
-        )
-    else:
+    if path != "eager":
         model = model.to(memory_format=torch.channels_last)
-        recipe = replace(recipe, lr=recipe.head_lr)
-        optimizer, frozen = finetune_optimizer(model, recipe)
-        set_train_mode(model, model, recipe, frozen)
-        criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
-        network = training_network(model)
+    # the same optimizer and loss as training_speed.py's eager and resfit paths
+    optimizer, criterion = optimizer_and_loss(model, None if path == "eager" else recipe)
+    network = model if path == "eager" else training_network(model)
 
     forward_ms = {block: [] for block in BLOCKS}
     marks: list[tuple[str, float]] = []

@@ -288,7 +288,7 @@ def _quantize(
     check: np.ndarray,
     expected: np.ndarray,
     classes: int,
-    ranking_images: int | None = INT8_RANKING_IMAGES,
+    ranking_images: int | None,
 ) -> None:
     """NNCF post-training quantization of the fp32 IR under accuracy control: where int8 flips more than
     1 - INT8_MIN_AGREEMENT of fp32's answers ``expected`` (class indices among the first ``classes``

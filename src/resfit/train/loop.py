@@ -107,8 +107,9 @@ def default_frozen_blocks(pretrained: PretrainedSource) -> int:
 
     In the accuracy suite (ResNet-50, 9 fold-runs on each of ants/bees and flowers5, benchmarks/RESULTS.md
     section 7) freezing them was level with training every block (+0.1 points, 95% CI [-1.2, +1.3] on
-    flowers5) and whole runs were 1.11-1.20x faster: no backward pass through the blocks with the largest
-    activations, the step that keeps a CPU without native bf16 from 1.5x eager fp32 (issue #17).
+    flowers5) and flowers5's runs were 1.11x [1.09, 1.14] faster, paired per fold (ants/bees' times were too
+    noisy to say): no backward pass through the blocks with the largest activations, the step's biggest gain
+    on a CPU without native bf16 (issue #17).
     """
     return 0 if pretrained.kind == "none" else 2
 
