@@ -120,6 +120,11 @@ RECIPES = {
         "the default with layer1 trained too (only the stem left as the source's)",
     ),
     "resfit-all-blocks": Recipe("resfit", {"frozen_blocks": 0}, "the default with every block trained"),
+    "resfit-frozen3": Recipe(
+        "resfit",
+        {"frozen_blocks": 3},
+        "the default with layer2 left as the source's too (no backward through stem, layer1, layer2)",
+    ),
 }
 REFERENCE = "resfit"  # paired differences are every other recipe against this one (and probe vs probe)
 EXTRA_PAIRS = [("resfit-probe", "sklearn-probe")]
@@ -621,7 +626,7 @@ def _predict(model, loader, precision: str) -> tuple[np.ndarray, np.ndarray]:
 def run_timm(fold: Fold, settings: Settings, batch_size: int) -> dict:
     """Fine-tuning as timm's train.py does it, from timm's library; same inner splits, source and budget.
 
-    timm imports torchvision, which fails on the CPU torch unless resfit.vision came first: run_suite
+    timm imports torchvision, which fails on the CPU torch unless resfit.torchvision_import came first: run_suite
     imports resfit before any recipe runs.
     """
     import timm
@@ -632,7 +637,7 @@ def run_timm(fold: Fold, settings: Settings, batch_size: int) -> dict:
     from timm.scheduler import create_scheduler_v2
     from torch.utils.data import DataLoader
 
-    import resfit.vision  # noqa: F401 - torchvision must be imported through resfit first (CPU torch)
+    import resfit.torchvision_import  # noqa: F401 - torchvision must be imported through resfit first (CPU torch)
     from resfit.hardware import apply_threads, resolve_runtime
 
     clock = Stopwatch()
@@ -738,7 +743,7 @@ def run_sklearn_probe(fold: Fold, settings: Settings, batch_size: int) -> dict:
 
     from resfit.data.transforms import Preprocessing
     from resfit.hardware import apply_threads, resolve_runtime
-    from resfit.vision import models
+    from resfit.torchvision_import import models
 
     clock = Stopwatch()
     runtime = resolve_runtime("auto", "auto")
@@ -876,10 +881,10 @@ def run_suite(args: argparse.Namespace) -> None:
         args.model, weights, epochs, args.img_size or card_size, bool(args.img_size), mean, std
     )
 
-    import resfit  # noqa: F401 - imports torchvision cleanly (resfit.vision) before timm does
+    import resfit  # noqa: F401 - imports torchvision cleanly (resfit.torchvision_import) before timm does
     from resfit.data.scan import load_dataset
     from resfit.hardware import resolve_runtime
-    from resfit.train.loop import default_batch_size
+    from resfit.train.resolve import default_batch_size
 
     batch_size = default_batch_size(resolve_runtime("auto", "auto"), settings.img_size)
     if args.resume:
@@ -982,7 +987,7 @@ def warm_up(settings: Settings, batch_size: int) -> float:
     import torch
 
     from resfit.hardware import apply_threads, resolve_runtime
-    from resfit.vision import models
+    from resfit.torchvision_import import models
 
     started = time.perf_counter()
     runtime = resolve_runtime("auto", "auto")

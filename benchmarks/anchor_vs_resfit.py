@@ -113,8 +113,8 @@ def plain_probe(data: Path, model: str, weights: Path, size: int) -> dict:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from resfit.vision import models, torchvision  # noqa: F401 - the clean import
-    from resfit.vision import transforms as T
+    from resfit.torchvision_import import models, torchvision  # noqa: F401 - the clean import
+    from resfit.torchvision_import import transforms as T
 
     t0 = time.perf_counter()
     net = getattr(models, model)()

@@ -27,11 +27,11 @@ SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(REPO / "src"))
 
 import resfit  # noqa: E402
+from resfit.batched_inference import eval_loader, predict_logits, softmax  # noqa: E402
 from resfit.calibration import calibration_scores, fit_temperature  # noqa: E402
 from resfit.data.dataset import ImageDataset  # noqa: E402
 from resfit.data.scan import load_dataset  # noqa: E402
 from resfit.data.transforms import Preprocessing  # noqa: E402
-from resfit.evaluate import eval_loader, predict_logits, softmax  # noqa: E402
 from resfit.hardware import detect_cpu, resolve_runtime  # noqa: E402
 from resfit.run_folder import load_model  # noqa: E402
 

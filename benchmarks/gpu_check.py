@@ -40,18 +40,18 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from training_speed import PATH_NAMES, images_per_second, optimizer_and_loss  # noqa: E402  (benchmarks/ is not a package)
 
+from resfit.batched_inference import EVAL_BATCH_SIZE, to_device  # noqa: E402
 from resfit.data.dataset import ImageDataset  # noqa: E402
 from resfit.data.decoded_cache import decoded_caches  # noqa: E402
 from resfit.data.scan import load_dataset  # noqa: E402
 from resfit.data.transforms import Preprocessing  # noqa: E402
 from resfit.distributed import DistContext, GlobalBatchSampler  # noqa: E402
-from resfit.evaluate import EVAL_BATCH_SIZE, to_device  # noqa: E402
 from resfit.hardware import Runtime, apply_device, default_num_workers, pin_memory, resolve_runtime  # noqa: E402
 from resfit.inference.classifier import PREDICT_BATCH_SIZE  # noqa: E402
 from resfit.inference.engines import TorchBackend, choose_backend  # noqa: E402
 from resfit.models import IMAGENET_MEAN, IMAGENET_STD, build_model  # noqa: E402
 from resfit.train import TrainConfig, train  # noqa: E402
-from resfit.train.loop import default_batch_size  # noqa: E402
+from resfit.train.resolve import default_batch_size  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ("resnet50", "resnet101")

@@ -93,8 +93,8 @@ def measure(arch: str, id_name: str, ood_name: str, args, work: Path) -> dict:
     from sklearn.metrics import roc_auc_score
 
     import resfit
+    from resfit.batched_inference import softmax
     from resfit.calibration import calibration_scores
-    from resfit.evaluate import softmax
     from resfit.inference.classifier import Classifier, InferenceConfig
     from resfit.rejection import SCORES, fit_rule
 

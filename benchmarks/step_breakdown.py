@@ -35,15 +35,15 @@ def measure(path: str, size: int, batch: int, steps: int, precision: str) -> dic
     from torch.utils.flop_counter import FlopCounterMode
     from training_speed import optimizer_and_loss
 
+    from resfit.batched_inference import to_device
     from resfit.data.dataset import ImageDataset
     from resfit.data.scan import load_dataset
     from resfit.data.transforms import Preprocessing
-    from resfit.evaluate import to_device
     from resfit.hardware import apply_threads, resolve_runtime
     from resfit.models import IMAGENET_MEAN, IMAGENET_STD, PretrainedSource, build_model
     from resfit.train import TrainConfig
     from resfit.train.folded_bn import training_network
-    from resfit.train.loop import default_frozen_blocks
+    from resfit.train.resolve import default_frozen_blocks
 
     runtime = resolve_runtime("cpu", "fp32" if path == "eager" else precision)
     apply_threads(runtime)

@@ -30,17 +30,18 @@ from provenance import record, stamp
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from resfit.batched_inference import to_device
 from resfit.data.dataset import ImageDataset
 from resfit.data.decoded_cache import decoded_caches
 from resfit.data.scan import load_dataset
 from resfit.data.transforms import Preprocessing
-from resfit.evaluate import to_device
 from resfit.hardware import apply_threads, default_num_workers, resolve_runtime
 from resfit.models import IMAGENET_MEAN, IMAGENET_STD, PretrainedSource, build_model, forward_features
 from resfit.train import TrainConfig
 from resfit.train.folded_bn import training_network
 from resfit.train.head import extract_features
-from resfit.train.loop import default_frozen_blocks, finetune_optimizer, set_train_mode
+from resfit.train.loop import finetune_optimizer, set_train_mode
+from resfit.train.resolve import default_frozen_blocks
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -94,7 +95,7 @@ def images_per_second(model, loader, steps: int, step_fn) -> float:
     return seen / (time.perf_counter() - started)
 
 
-PATHS = ("eager", "autocast", "unfolded", "all-blocks", "frozen1", "resfit")
+PATHS = ("eager", "autocast", "unfolded", "all-blocks", "frozen1", "resfit", "frozen3")
 PATH_NAMES = {
     "eager": "eager fp32 NCHW",
     "autocast": "precision+layout",
@@ -102,9 +103,10 @@ PATH_NAMES = {
     "all-blocks": "all blocks",
     "frozen1": "stem frozen",
     "resfit": "resfit default",
+    "frozen3": "layer2 frozen too",
 }
-# resfit's default from pretrained weights is --frozen-blocks 2 (loop.default_frozen_blocks; main() checks)
-FROZEN_BLOCKS = {"unfolded": 0, "all-blocks": 0, "frozen1": 1, "resfit": 2}
+# resfit's default from pretrained weights is --frozen-blocks 2 (resolve.default_frozen_blocks; main() checks)
+FROZEN_BLOCKS = {"unfolded": 0, "all-blocks": 0, "frozen1": 1, "resfit": 2, "frozen3": 3}
 
 
 def training_throughput(
@@ -122,6 +124,7 @@ def training_throughput(
     all-blocks: that step with every block trained (``--frozen-blocks 0``).
     unfolded: all-blocks with its frozen BatchNorms run as BatchNorms (resfit before the fold).
     frozen1:  that step with only the stem untrained (``--frozen-blocks 1``).
+    frozen3:  that step with layer2 untrained too (``--frozen-blocks 3``).
     """
     torch.manual_seed(0)
     runtime = resolve_runtime("cpu", "fp32" if path == "eager" else precision)

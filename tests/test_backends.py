@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from test_export import train_tiny_run
 
 from resfit.errors import ConfigError
@@ -248,6 +249,29 @@ def test_int8_joins_auto_where_bf16_is_emulated_and_only_if_it_passes(tiny_run, 
     monkeypatch.setattr(export_module, "INT8_MIN_AGREEMENT", 1.01)
     refused = Classifier.load(tiny_run, config=config)
     assert refused.choice.precision == "fp32" and "int8 not used: int8 agreed" in refused.describe()
+
+
+def test_one_load_reads_and_hashes_the_weights_once(tiny_run, tmp_path, monkeypatch):
+    """Timing four engines builds an ONNX file, an OpenVINO IR and a gated int8 IR: all from one read."""
+    import resfit.inference.export_cache as export_module
+    import resfit.run_folder as run_folder_module
+
+    reads, digests = [], []
+    read, digest = run_folder_module.load_file, export_module.model_digest
+    monkeypatch.setattr(run_folder_module, "load_file", lambda path: reads.append(path) or read(path))
+    monkeypatch.setattr(
+        export_module, "model_digest", lambda run_dir: digests.append(run_dir) or digest(run_dir)
+    )
+    _as_cpu(monkeypatch, EPYC_AVX2)
+    classifier = Classifier.load(
+        tiny_run, config=InferenceConfig(cache_dir=str(tmp_path), int8_when_safe=True)
+    )
+    timed = json.loads(next((tmp_path / "engine-timings").glob("*.json")).read_text())["images_per_second"]
+    assert set(timed) == {"openvino-int8", "openvino", "onnxruntime", "torch"}
+    assert len(list(tmp_path.glob("exports/*/*"))) >= 3  # the exports were really made here
+    assert [Path(p).name for p in reads] == ["model.safetensors"] and len(digests) == 1
+    probs = classifier.predict_proba([Image.new("RGB", (40, 40), "red")])
+    assert probs.shape == (1, 2) and abs(probs.sum() - 1) < 1e-5
 
 
 def test_time_engines_ranks_engines_measured_side_by_side():

@@ -11,13 +11,13 @@ import pytest
 from fastapi.testclient import TestClient
 from test_export import train_tiny_run
 
+from resfit.batched_inference import softmax
 from resfit.calibration import (
     calibration_scores,
     fit_temperature,
     why_not_calibrated,
     why_temperature_does_not_transfer,
 )
-from resfit.evaluate import softmax
 from resfit.inference.classifier import Classifier, InferenceConfig
 from resfit.run_folder import RunFolder
 from resfit.serve import create_app

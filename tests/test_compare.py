@@ -52,8 +52,8 @@ def test_compare_reports_every_row_with_its_source(two_runs, tiny_imagefolder, t
         throughput_batch=4,
         throughput_warmup=1,
         throughput_repeats=2,
+        train=TrainConfig(quiet=True),
     )
-    config.train.quiet = True
     result = compare(config, say=lambda _: None)
 
     assert [row.name for row in result.rows] == ["tiny-a", "tiny-b", "ensemble-tiny-a+tiny-b"]

@@ -24,8 +24,8 @@ from resfit.data.sources import discover
 from resfit.data.transforms import INTERPOLATIONS, Preprocessing
 from resfit.errors import ConfigError, ImageReadError
 from resfit.models import IMAGENET_MEAN, IMAGENET_STD
+from resfit.torchvision_import import transforms as T
 from resfit.train import TrainConfig, train
-from resfit.vision import transforms as T
 
 # (width, height): square, landscape, portrait, odd sizes, and panoramas beyond the 2:1 cap
 SHAPES = [(40, 40), (90, 30), (30, 100), (61, 23), (23, 77), (150, 41), (37, 124), (120, 40), (45, 50)]

@@ -17,7 +17,7 @@ from resfit.models import (
     load_pretrained,
     set_backbone_trainable,
 )
-from resfit.vision import torchvision
+from resfit.torchvision_import import torchvision
 
 
 def test_imagenet_weights_come_from_torchvision_cache(tmp_path, monkeypatch):

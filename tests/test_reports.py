@@ -9,10 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from resfit.reports import (
-    classification_metrics,
-    format_metrics_table,
-    misclassified_examples,
+from resfit.metrics import classification_metrics, format_metrics_table, misclassified_examples
+from resfit.plots import (
     plot_confusion_matrix,
     plot_misclassified,
     plot_training_curves,

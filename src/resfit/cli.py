@@ -10,11 +10,13 @@ from pathlib import Path
 
 from .errors import ConfigError, DataError, ResfitError
 from .fileio import atomic_write_json
-from .train.config import OPTIMIZERS, TrainConfig
+from .settings import add_flags, from_args
+from .train.config import TrainConfig
 from .version import __version__
 
 EXIT_INTERRUPTED = 130
 EXIT_SOME_FAILED = 1
+SPLIT_SEED_HELP = {"seed": "seed of the held-out split (train's --seed)"}
 
 
 def _train_parser(sub) -> None:
@@ -32,51 +34,12 @@ def _train_parser(sub) -> None:
     p.add_argument(
         "--resume", metavar="RUN_DIR", help="continue an interrupted run from its last completed epoch"
     )
-    p.add_argument(
-        "--model",
-        default=TrainConfig().model,
-        help="resnet18/34/50/101/152, resnext50_32x4d, resnext101_32x8d",
-    )
-    _add_train_flags(p, weights_help="imagenet (torchvision's weights), none, or a state-dict FILE")
-    p.add_argument("--out", help="run folder (default runs/<model>-<timestamp>)")
-    _add_exclude_flag(p)
-    _add_tracking_flags(p)
-
-
-def _add_tracking_flags(p) -> None:
-    from .train.tracking import tracker_names
-
-    # --track: the same flag under torchrun, whose own parser takes --log for an abbreviated --log-dir
-    p.add_argument(
-        "--log",
-        "--track",
-        type=tracker_names,
-        default=[],
-        metavar="TRACKERS",
-        help="experiment tracking, comma-separated: tensorboard (RUN_DIR/tensorboard), mlflow "
-        "(needs pip install 'resfit[track]'; default off); spell it --track under torchrun",
-    )
-    p.add_argument(
-        "--mlflow-uri",
-        metavar="URI",
-        help="MLflow tracking URI (a server http://HOST:5000 or sqlite:///FILE); default $MLFLOW_TRACKING_URI, "
-        "else sqlite in RUN_DIR/mlflow",
-    )
-
-
-def _add_exclude_flag(p) -> None:
-    p.add_argument(
-        "--exclude-from",
-        metavar="FILE",
-        help="leave out the files listed in FILE: an audit.json (its reviewed 'exclude' list, see "
-        "resfit audit) or one path per line, relative to DATA; the files are not touched",
-    )
+    add_flags(p, TrainConfig, skip={"data"})
 
 
 def _audit_parser(sub) -> None:
     from .audit import AuditConfig
 
-    defaults = AuditConfig()
     p = sub.add_parser(
         "audit",
         help="find duplicates, train/val leakage, label conflicts, likely label errors and outliers",
@@ -86,41 +49,14 @@ def _audit_parser(sub) -> None:
         "proposed 'exclude' list for train --exclude-from) and OUT/audit.png. Never moves or rewrites a file.",
     )
     p.add_argument("data", help="dataset: ImageFolder tree, flat class folders, CSV manifest or CIFAR-10")
-    p.add_argument("--out", help="output folder (default runs/audit-<timestamp>)")
-    p.add_argument("--model", default=defaults.model, help="backbone for the feature-based checks")
-    p.add_argument(
-        "--weights",
-        default=defaults.weights,
-        help="as train: imagenet, a state-dict FILE, or none (then only the hash-based checks run)",
-    )
-    p.add_argument(
-        "--no-features",
-        dest="features",
-        action="store_false",
-        help="hash-based checks only (no model): copies, leakage, label conflicts",
-    )
-    p.add_argument(
-        "--img-size", type=int, help="feature resolution (default: what the weights were trained at)"
-    )
-    p.add_argument("--top", type=int, default=defaults.top, help="cases per section on the contact sheet")
-    p.add_argument(
-        "--near-distance",
-        type=int,
-        default=defaults.near_distance,
-        help="perceptual-hash bits (of 64) within which two images are the same picture",
-    )
+    add_flags(p, AuditConfig, skip={"data"})
     p.add_argument("--json", action="store_true", help="print the whole audit.json")
-    p.add_argument("--device", default=defaults.device, help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--precision", default=defaults.precision, choices=("auto", "fp32", "bf16", "fp16"))
-    p.add_argument("--seed", type=int, default=defaults.seed)
-    p.add_argument("--val-fraction", type=float, default=defaults.val_fraction)
 
 
 def _run_audit(args) -> int:
     from .audit import AUDIT_FILE, AuditConfig, audit
 
-    known = {f.name for f in fields(AuditConfig)}
-    config = AuditConfig(**{k: v for k, v in vars(args).items() if k in known})
+    config = from_args(AuditConfig, args)
     say = _say_stderr if args.json else None
     report = audit(config, say=say)
     out = Path(report.out_dir)
@@ -132,156 +68,6 @@ def _run_audit(args) -> int:
     sheet = f" and the contact sheet {out / report.contact_sheet}" if report.contact_sheet else ""
     print(f"wrote {out / AUDIT_FILE}{sheet}")
     return 0
-
-
-def _add_train_flags(p, weights_help: str) -> None:
-    """The recipe's flags (TrainConfig fields), shared by train and compare."""
-    defaults = TrainConfig()
-    p.add_argument("--weights", default=defaults.weights, help=weights_help)
-    p.add_argument(
-        "--epochs", type=int, default=defaults.epochs, help="fine-tuning epochs after the head stage"
-    )
-    p.add_argument(
-        "--img-size", type=int, help="training crop in px (default: what the weights were trained at)"
-    )
-    p.add_argument("--batch-size", type=int, help="default: chosen for the device")
-    p.add_argument(
-        "--lr",
-        type=_learning_rate,
-        help="head learning rate in fine-tuning (default 1e-3 AdamW, 1e-2 SGD); "
-        "auto: a range test after the head stage picks it (see resfit lr-find)",
-    )
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default=defaults.optimizer)
-    p.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
-    p.add_argument(
-        "--layer-decay",
-        type=float,
-        default=defaults.layer_decay,
-        help="lr factor per block towards the input",
-    )
-    p.add_argument(
-        "--frozen-blocks",
-        type=int,
-        default=defaults.frozen_blocks,
-        help="lowest backbone blocks left untrained in fine-tuning: 0 none, 1 the stem, 2 stem + layer1 "
-        "(default from pretrained weights: no backward pass through them, level accuracy in the suite; "
-        "0 from scratch), up to 5",
-    )
-    p.add_argument("--warmup-epochs", type=float, default=defaults.warmup_epochs)
-    p.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing)
-    p.add_argument(
-        "--wise-ft",
-        type=float,
-        default=defaults.wise_ft,
-        metavar="SHARE",
-        help="keep SHARE x the last fine-tuned weights + (1 - SHARE) x the head stage's (WiSE-FT); "
-        "1 keeps the best epoch on val",
-    )
-    p.add_argument("--dropout", type=float, default=defaults.dropout, help="dropout before the final layer")
-    p.add_argument(
-        "--augment",
-        nargs="?",
-        const="trivialaugment",
-        default=defaults.augment,
-        choices=("none", "standard", "trivialaugment", "randaugment"),
-        help="standard = random resized crop + flip; --augment alone adds TrivialAugment",
-    )
-    p.add_argument(
-        "--bn", choices=("frozen", "train"), default=defaults.bn, help="BatchNorm statistics in fine-tuning"
-    )
-    p.add_argument(
-        "--no-head-stage", dest="head_stage", action="store_false", help="skip the frozen-backbone head fit"
-    )
-    p.add_argument(
-        "--patience", type=int, default=defaults.patience, help="early stopping on validation loss"
-    )
-    p.add_argument(
-        "--tta",
-        choices=("none", "flip", "multiscale", "flip+multiscale"),
-        default=defaults.tta,
-        help="test-time augmentation stored with the model (predict, evaluate, export, serve apply it)",
-    )
-    p.add_argument(
-        "--reject-target",
-        default=defaults.reject_target,
-        metavar="coverage:X|precision:X|none",
-        help='the "unknown" answer, its threshold chosen on validation: answer the share X of validation '
-        "photos (coverage) or the most confident share whose accuracy is X (precision); none: always answer",
-    )
-    p.add_argument(
-        "--reject-score",
-        choices=("msp", "energy"),
-        default=defaults.reject_score,
-        help="the confidence the rule thresholds: calibrated top-1 probability (msp) or logsumexp (energy)",
-    )
-    p.add_argument(
-        "--multi-scale",
-        action="store_true",
-        help="progressive resizing: early epochs at smaller sizes, the last at --img-size",
-    )
-    p.add_argument(
-        "--train-sizes",
-        type=_int_list,
-        metavar="S1,S2,...",
-        help="the multi-scale sizes, run small to large (default 0.75x, 0.875x, 1x --img-size)",
-    )
-    p.add_argument("--ema", action="store_true", help="validate and keep an EMA of the weights")
-    p.add_argument("--ema-decay", type=float, help="per step (default: a half-life of one epoch)")
-    p.add_argument(
-        "--mixup", type=float, default=defaults.mixup, metavar="ALPHA", help="mixup Beta alpha (0 = off)"
-    )
-    p.add_argument(
-        "--cutmix", type=float, default=defaults.cutmix, metavar="ALPHA", help="cutmix Beta alpha (0 = off)"
-    )
-    p.add_argument(
-        "--balance",
-        choices=("auto", "none", "sampler", "loss"),
-        default=defaults.balance,
-        help="unequal classes: class-balanced batches or inverse-frequency loss weights "
-        "(auto: batches balanced when the largest class has >= 3x the smallest's images)",
-    )
-    p.add_argument(
-        "--no-feature-cache",
-        dest="feature_cache",
-        action="store_false",
-        help="always recompute the head stage's features (default: cached by weights, preprocessing, image bytes)",
-    )
-    p.add_argument(
-        "--decoded-cache",
-        choices=("auto", "on", "off"),
-        default=defaults.decoded_cache,
-        help="decode and resize each image once into a memory-mapped cache (auto: at img-size <= 128)",
-    )
-    p.add_argument(
-        "--sync-bn",
-        action="store_true",
-        help="CUDA only, under torchrun with --bn train: BatchNorm over the global batch (refused elsewhere)",
-    )
-    p.add_argument("--seed", type=int, default=defaults.seed)
-    p.add_argument(
-        "--val-fraction",
-        type=float,
-        default=defaults.val_fraction,
-        help="held out when there is no val split",
-    )
-    p.add_argument("--device", default=defaults.device, help="auto, cpu, cuda or cuda:N (a GPU index)")
-    p.add_argument("--precision", default=defaults.precision, choices=("auto", "fp32", "bf16", "fp16"))
-    p.add_argument(
-        "--workers",
-        dest="num_workers",
-        type=int,
-        help="DataLoader workers (default: none on 2 cores, where loading in-process is faster)",
-    )
-    p.add_argument("--quiet", action="store_true", help="no progress bars: one line per epoch, for logs")
-
-
-def _learning_rate(text: str) -> float | str:
-    if text == "auto":
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
 
 
 def _lr_find_parser(sub) -> None:
@@ -297,8 +83,7 @@ def _lr_find_parser(sub) -> None:
     p.add_argument(
         "run_or_data", metavar="RUN_OR_DATA", help="a dataset, or a run folder to take settings from"
     )
-    p.add_argument("--model", default=TrainConfig().model, help="resnet18/34/50/101/152, resnext...")
-    _add_train_flags(p, weights_help="imagenet (torchvision's weights), none, or a state-dict FILE")
+    add_flags(p, TrainConfig, skip={"data", "out", "log", "mlflow_uri"})
     # A flag not given stays None, so only the flags given apply (over a run's settings or the defaults).
     p.set_defaults(**{f.name: None for f in fields(TrainConfig) if f.name not in ("data", "out")})
     p.add_argument("--out", help="where lr_find.png/json go (default runs/lr-find-<timestamp>)")
@@ -323,13 +108,6 @@ def _run_lr_find(args) -> int:
     return 0
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
 def _run_train(args) -> int:
     from .train import resume, train
 
@@ -338,13 +116,14 @@ def _run_train(args) -> int:
         return 0
     if not args.data:
         raise ConfigError("train needs DATA (or --resume RUN_DIR)")
-    known = {f.name for f in fields(TrainConfig)}
-    config = TrainConfig(**{k: v for k, v in vars(args).items() if k in known})
-    train(config)
+    train(from_args(TrainConfig, args))
     return 0
 
 
 def _compare_parser(sub) -> None:
+    from .compare import CompareConfig
+    from .inference.classifier import InferenceConfig
+
     p = sub.add_parser(
         "compare",
         help="train several models with one recipe and compare accuracy, TTA, latency, size and cost",
@@ -352,107 +131,41 @@ def _compare_parser(sub) -> None:
         "and write OUT/report.md, report.json and accuracy_vs_latency.png.",
     )
     p.add_argument("data", help="dataset every model is trained and evaluated on")
-    p.add_argument(
-        "--models",
-        default="resnet50,resnet101,resnet50+resnet101",
-        help="comma-separated: architectures to train (a+b: one fused network) or existing run folders",
-    )
-    _add_train_flags(
+    add_flags(p, CompareConfig, skip={"data"})
+    # the recipe every model trained here gets (compare's own --weights names a source per architecture)
+    add_flags(p, TrainConfig, skip={"data", "model", "weights", "out", "exclude_from", "log", "mlflow_uri"})
+    add_flags(
         p,
-        weights_help="imagenet or none for all, or ARCH=FILE pairs separated by commas "
-        "(resnet50=A.pth,resnet101=B.pth; a fused a+b model gets both)",
+        InferenceConfig,
+        only={"backend"},
+        help_for={
+            "backend": "inference engine every row is measured on (default: the one resfit predict picks, printed)"
+        },
     )
-    p.add_argument("--out", help="comparison folder (default runs/compare-<timestamp>)")
-    p.add_argument(
-        "--no-ensemble",
-        dest="ensemble",
-        action="store_false",
-        help="skip the late-fusion ensemble of the first two single-architecture runs",
-    )
-    p.add_argument(
-        "--ensemble-weighting",
-        choices=("equal", "val"),
-        default="val",
-        help="the ensemble's member weights: equal, or fitted on the validation log-loss",
-    )
-    p.add_argument(
-        "--backend",
-        default="auto",
-        choices=("auto", "torch", "onnxruntime", "openvino"),
-        help="inference engine every row is measured on (default: the one resfit predict picks, printed)",
-    )
-    p.add_argument(
-        "--latency-repeats",
-        type=int,
-        default=30,
-        help="timed batch-1 calls per figure (the median is reported)",
-    )
-    p.add_argument("--throughput-batch", type=int, default=32, help="batch size of the throughput figure")
 
 
 def _run_compare(args) -> int:
     from .compare import CompareConfig, compare
     from .inference.classifier import InferenceConfig
 
-    known = {f.name for f in fields(TrainConfig)} - {"data", "model", "weights", "out"}
-    recipe = TrainConfig(**{k: v for k, v in vars(args).items() if k in known})
-    config = CompareConfig(
-        data=args.data,
-        models=[entry.strip() for entry in args.models.split(",")],
-        weights=args.weights,
-        out=args.out,
-        train=recipe,
-        ensemble=args.ensemble,
-        ensemble_weighting=args.ensemble_weighting,
-        inference=InferenceConfig(backend=args.backend),
-        latency_repeats=args.latency_repeats,
-        throughput_batch=args.throughput_batch,
-    )
+    recipe = from_args(TrainConfig, args, skip={"data", "model", "weights", "out"})
+    inference = InferenceConfig(backend=args.backend)  # --device/--precision are the recipe's
+    config = from_args(CompareConfig, args, train=recipe, inference=inference)
     compare(config)
     return 0
 
 
 def _add_tta_flag(p, default_help: str) -> None:
-    from .model_wrappers import TTA_MODES
+    from .inference.classifier import InferenceConfig
+    from .model_wrappers import TTA_HELP
 
-    p.add_argument(
-        "--tta",
-        choices=TTA_MODES,
-        help="test-time augmentation, probabilities averaged over flips and/or sizes "
-        f"(multiscale: 0.875x, 1x, 1.15x the crop); {default_help}",
-    )
+    add_flags(p, InferenceConfig, only={"tta"}, help_for={"tta": f"{TTA_HELP}; {default_help}"})
 
 
 def _add_backend_flags(p) -> None:
-    from .inference.engines import BACKENDS, PERFORMANCE_HINTS
+    from .inference.classifier import InferenceConfig
 
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (a GPU index)")
-    p.add_argument(
-        "--backend",
-        default="auto",
-        choices=BACKENDS,
-        help="inference engine on CPU (default: the fastest for this CPU, printed)",
-    )
-    p.add_argument(
-        "--precision",
-        default="auto",
-        choices=("auto", "fp32", "bf16", "fp16", "int8"),
-        help="auto: bf16 where the CPU has it natively; fp32 for exact fp32 results; "
-        "int8 (OpenVINO): quantized once on the run's training images, used only if it agrees with fp32",
-    )
-    _add_tta_flag(p, "default: the run's stored setting")
-    p.add_argument(
-        "--no-reject",
-        dest="reject",
-        action="store_false",
-        help='always name a class: ignore the run\'s "unknown" rule (see resfit train --reject-target)',
-    )
-    p.add_argument(
-        "--performance-hint",
-        default="LATENCY",
-        choices=PERFORMANCE_HINTS,
-        help="OpenVINO: LATENCY (one request on all cores, measured faster on 2 cores) or THROUGHPUT",
-    )
+    add_flags(p, InferenceConfig)
 
 
 def _say_stderr(message: str) -> None:
@@ -468,15 +181,7 @@ def _load_classifier(args, int8_when_safe: bool = False):
     """The Classifier the flags ask for; which backend it runs on (and why) goes to stderr."""
     from .inference.classifier import Classifier, InferenceConfig
 
-    config = InferenceConfig(
-        args.device,
-        args.precision,
-        args.backend,
-        args.performance_hint,
-        tta=getattr(args, "tta", None),
-        reject=getattr(args, "reject", True),
-        int8_when_safe=int8_when_safe,
-    )
+    config = from_args(InferenceConfig, args, int8_when_safe=int8_when_safe)
     classifier = Classifier.load(args.run_dir, config=config, say=_say_stderr)
     _say_stderr(classifier.describe())
     return classifier
@@ -486,14 +191,7 @@ def _run_export(args) -> int:
     from .export import ExportConfig, export_run
     from .inference.classifier import expand_inputs
 
-    config = ExportConfig(
-        run_dir=args.run_dir,
-        format=args.format,
-        out=args.out,
-        check_images=expand_inputs(args.check_images) if args.check_images else [],
-        num_check_images=args.num_check_images,
-        tta=args.tta,
-    )
+    config = from_args(ExportConfig, args, check_images=expand_inputs(args.check_images))
     result = export_run(config)
     print(f"wrote {result.path} in {result.seconds:.1f} s (top-1 agrees with PyTorch on every check image)")
     if result.format == "timm":
@@ -502,13 +200,11 @@ def _run_export(args) -> int:
 
 
 def _run_serve(args) -> int:
-    from .serve import MB, ServeConfig, run_server
+    from .serve import ServeConfig, run_server
 
     if not 1 <= args.port <= 65535:
         raise ConfigError(f"--port must be between 1 and 65535, got {args.port}")
-    config = ServeConfig(
-        max_upload_bytes=int(args.max_upload_mb * MB), max_pixels=args.max_pixels, top_k=args.top_k
-    )
+    config = from_args(ServeConfig, args)
     classifier = _load_classifier(args, int8_when_safe=True)
     print(f"resfit: serving on http://{args.host}:{args.port}/ (API docs at /docs)", file=sys.stderr)
     run_server(classifier, args.host, args.port, config)
@@ -517,7 +213,7 @@ def _run_serve(args) -> int:
 
 def _run_evaluate(args) -> int:
     from .evaluate import evaluate_split
-    from .reports import format_metrics_table
+    from .metrics import format_metrics_table
     from .run_folder import RunFolder
 
     classifier = _load_classifier(args)
@@ -624,6 +320,10 @@ def _run_scan(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .ensemble import WEIGHTINGS
+    from .export import ExportConfig
+    from .serve import ServeConfig
+
     parser = argparse.ArgumentParser(prog="resfit", description="Fine-tune ImageNet ResNets on your images.")
     parser.add_argument("--version", action="version", version=f"resfit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -652,19 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="export a run to ONNX, OpenVINO IR, TorchScript or a timm folder, checked against PyTorch on real images",
     )
     p.add_argument("run_dir")
-    p.add_argument("--format", default="onnx", choices=("onnx", "openvino", "torchscript", "timm"))
-    p.add_argument(
-        "--out",
-        help="output file, or folder for timm (default RUN_DIR/export/model.onnx|model.xml|model.pt|timm)",
-    )
-    p.add_argument(
-        "--check-images",
-        nargs="+",
-        metavar="PATH",
-        help="images or folders to check parity on (default: images from the run's validation data)",
-    )
-    p.add_argument("--num-check-images", type=int, default=8, help="how many validation images by default")
-    _add_tta_flag(p, "default: the run's stored setting, baked into the exported graph")
+    add_flags(p, ExportConfig, skip={"run_dir"})
 
     p = sub.add_parser(
         "ensemble",
@@ -674,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the ensemble's run folder")
     p.add_argument(
         "--weighting",
-        choices=("equal", "val"),
+        choices=WEIGHTINGS,
         default="equal",
         help="equal weights, or weights that minimise the validation log-loss (never the test split)",
     )
@@ -685,19 +373,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--host", default="127.0.0.1", help="127.0.0.1 (default) serves this machine only")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--top-k", type=int, default=5, help="classes returned when the request does not say")
-    p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest request body accepted")
-    p.add_argument(
-        "--max-pixels", type=int, default=40_000_000, help="largest image accepted (decompression-bomb guard)"
-    )
+    add_flags(p, ServeConfig)
     _add_backend_flags(p)
 
     p = sub.add_parser("scan", help="check a dataset: classes, splits, unreadable and converted files")
     p.add_argument("data")
     p.add_argument("--json", action="store_true", help="print the whole report as JSON")
     p.add_argument("--report", metavar="FILE", help="also write the report (data_report.json) to FILE")
-    p.add_argument("--val-fraction", type=float, default=0.2)
-    p.add_argument("--seed", type=int, default=0)
+    add_flags(p, TrainConfig, only={"val_fraction", "seed"}, help_for=SPLIT_SEED_HELP)  # as train splits
 
     p = sub.add_parser(
         "shard",
@@ -707,9 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="an empty folder outside the dataset")
     p.add_argument("--shard-size", type=float, default=256.0, metavar="MB", help="cut a shard at this size")
     p.add_argument("--shard-samples", type=int, metavar="N", help="also cut a shard at N images")
-    p.add_argument("--val-fraction", type=float, default=0.2, help="held out where the data has no val split")
-    p.add_argument("--seed", type=int, default=0, help="the seed of that held-out split")
-    _add_exclude_flag(p)
+    add_flags(p, TrainConfig, only={"val_fraction", "seed", "exclude_from"}, help_for=SPLIT_SEED_HELP)
     return parser
 
 

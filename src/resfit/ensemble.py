@@ -16,15 +16,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .batched_inference import eval_loader, predict_logits
 from .calibration import calibrate_run
 from .data.dataset import ImageDataset
 from .data.transforms import Preprocessing
 from .errors import ConfigError, RunFolderError
-from .evaluate import eval_loader, evaluate_split, predict_logits
+from .evaluate import evaluate_split
 from .hardware import apply_threads, resolve_runtime
+from .metrics import format_metrics_table
 from .model_wrappers import EnsembleModel, check_tta
 from .rejection import DEFAULT_TARGET, choose_and_store_rule
-from .reports import format_metrics_table
 from .run_folder import ENSEMBLE, RunFolder, build_model_meta, load_model, read_meta
 
 WEIGHTINGS = ("equal", "val")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,9 @@ from .export_timm import check_timm_exportable, import_timm
 from .inference.engines import TorchBackend
 from .inference.export_cache import model_digest, run_images
 from .inference.formats import FILE_NAMES, FORMATS, load_exported, write_export
+from .model_wrappers import TTA_HELP, TTA_MODES
 from .run_folder import load_model, read_meta
+from .settings import setting
 
 DEFAULT_CHECK_IMAGES = 8
 
@@ -36,12 +38,24 @@ DEFAULT_CHECK_IMAGES = 8
 class ExportConfig:
     """What to export where, and which real images prove the export right."""
 
-    run_dir: str
-    format: str = "onnx"
-    out: str | None = None  # default: RUN_DIR/export/model.onnx | model.xml | model.pt | timm/ (a folder)
-    check_images: list[str] = field(default_factory=list)  # default: validation images of the run's data
-    num_check_images: int = DEFAULT_CHECK_IMAGES
-    tta: str | None = None  # None: the run's stored test-time augmentation, baked into the exported graph
+    run_dir: str  # the command's positional RUN_DIR
+    format: str = setting("onnx", choices=FORMATS, help="what to write")
+    out: str | None = setting(
+        None,
+        help="output file, or folder for timm (default RUN_DIR/export/model.onnx|model.xml|model.pt|timm)",
+    )
+    check_images: list[str] = setting(
+        default_factory=list,
+        nargs="+",
+        metavar="PATH",
+        help="images or folders to check parity on (default: images from the run's validation data)",
+    )
+    num_check_images: int = setting(DEFAULT_CHECK_IMAGES, help="how many validation images by default")
+    tta: str | None = setting(
+        None,
+        choices=TTA_MODES,
+        help=f"{TTA_HELP}; default: the run's stored setting, baked into the exported graph",
+    )
 
     def output_path(self) -> Path:
         return Path(self.out) if self.out else Path(self.run_dir) / "export" / FILE_NAMES[self.format]

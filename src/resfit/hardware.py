@@ -16,6 +16,10 @@ import torch
 from .errors import ConfigError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISION_HELP = (
+    "auto: mixed precision where the device runs it natively (bf16 on such CPUs and GPUs, else fp16 on a GPU), "
+    "else fp32"
+)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,10 @@ from .errors import ConfigError
 from .models import forward_features
 
 TTA_MODES = ("none", "flip", "multiscale", "flip+multiscale")
+TTA_HELP = (
+    "test-time augmentation, probabilities averaged over flips and/or sizes (multiscale: 0.875x, 1x, 1.15x "
+    "the crop)"
+)
 # Test sizes as multiples of the training crop: FixRes (Touvron et al. 2019) shows random-resized-crop
 # training makes objects look larger than at test time, so a slightly larger test size tends to help.
 MULTISCALE_FACTORS = (0.875, 1.0, 1.15)

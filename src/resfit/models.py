@@ -13,7 +13,7 @@ from torch import nn
 
 from .data.transforms import MIN_SIZE, Preprocessing
 from .errors import ConfigError, WeightsError
-from .vision import models as tv_models
+from .torchvision_import import models as tv_models
 
 ARCHITECTURES: dict[str, str] = {
     "resnet18": "ResNet18_Weights",

@@ -36,10 +36,11 @@ from .errors import ConfigError, RunFolderError
 from .evaluate import evaluate_split
 from .fileio import atomic_write, atomic_write_json, atomic_write_text
 from .hardware import Runtime
+from .metrics import misclassified_examples
 from .model_wrappers import EnsembleModel, TemperatureScaled, TTAWrapper, WithFeatures, check_tta, tta_sizes
 from .models import build_model, check_architecture
+from .plots import plot_confusion_matrix, plot_misclassified
 from .rejection import FEATURE_SCORES, RejectRule, needs_features
-from .reports import misclassified_examples, plot_confusion_matrix, plot_misclassified
 
 FORMAT = "resfit-run"
 FORMAT_VERSION = 1
@@ -547,8 +548,8 @@ def library_versions() -> dict[str, str]:
     import numpy
     import PIL
 
+    from .torchvision_import import torchvision
     from .version import __version__
-    from .vision import torchvision
 
     return {
         "resfit": __version__,

@@ -26,12 +26,13 @@ from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .batched_inference import softmax
 from .data.images import open_rgb
 from .errors import ConfigError, ImageReadError, RunFolderError
-from .evaluate import softmax
 from .inference.classifier import Classifier
 from .rejection import UNKNOWN, split_output
 from .run_folder import RunFolder
+from .settings import setting
 
 MB = 1024 * 1024
 # (signature offset, bytes, format); WEBP also needs "WEBP" at offset 8, checked in sniff_format.
@@ -48,15 +49,28 @@ STATIC_DIR = files("resfit") / "static"
 UPLOAD_FIELDS = ("file", "files")
 
 
+def megabytes(text: str) -> int:
+    """--max-upload-mb's value in bytes."""
+    return int(float(text) * MB)
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     """Limits and defaults of the service; the CLI's flags build this."""
 
-    max_upload_bytes: int = 10 * MB  # the whole request body
-    max_pixels: int = 40_000_000  # per image, checked from the header before decoding (bomb guard)
+    max_upload_bytes: int = setting(  # the whole request body
+        10 * MB,
+        names=("--max-upload-mb",),
+        parse=megabytes,
+        metavar="MB",
+        help="largest request body accepted",
+    )
+    max_pixels: int = setting(  # per image, checked from the header before decoding
+        40_000_000, help="largest image accepted (decompression-bomb guard)"
+    )
     max_files: int = 16  # images in one request
     allowed_formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
-    top_k: int = 5
+    top_k: int = setting(5, help="classes returned when the request does not say")
     max_batch: int = 16  # images the inference thread runs in one call
     decode_threads: int = 2
 

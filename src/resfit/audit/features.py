@@ -21,7 +21,7 @@ from ..data.transforms import Preprocessing
 from ..hardware import Runtime, apply_device, resolve_runtime
 from ..models import PretrainedSource, apply_pretrained, build_model
 from ..train.head import extract_features, out_of_fold_probabilities
-from ..train.loop import default_img_size
+from ..train.resolve import default_img_size, preprocessing_for
 
 NEIGHBOURS = 5  # an outlier's score is its mean cosine distance to this many nearest images
 
@@ -44,10 +44,7 @@ def dataset_features(
     say: Callable[[str], None],
 ) -> tuple[np.ndarray, Preprocessing]:
     """Pooled features of every copy (train, val, test order), from the feature cache where it has them."""
-    img_size = img_size or default_img_size(pretrained)
-    preprocessing = Preprocessing.for_size(img_size, pretrained.mean, pretrained.std)
-    if pretrained.kind == "imagenet" and img_size == pretrained.crop_size:  # as train chooses it
-        preprocessing = Preprocessing(img_size, pretrained.resize_size, pretrained.mean, pretrained.std)
+    preprocessing = preprocessing_for(img_size or default_img_size(pretrained), pretrained)  # as train's
     model = build_model(architecture, len(source.class_names))
     apply_pretrained(model, pretrained)
     model.to(runtime.device, memory_format=torch.channels_last)

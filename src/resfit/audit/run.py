@@ -20,9 +20,12 @@ import numpy as np
 from ..data.duplicates import NEAR_DISTANCE, Copy, DuplicateGroup, dataset_copies, find_duplicates
 from ..data.hashes import hash_items
 from ..data.scan import load_dataset
+from ..data.splits import SPLIT_SEED, VAL_FRACTION
 from ..errors import ConfigError
 from ..fileio import atomic_write_json
+from ..hardware import PRECISION_HELP, PRECISIONS
 from ..models import check_architecture, load_pretrained
+from ..settings import check_choices, setting
 from ..version import __version__
 from .sheet import Tile, short_path, write_contact_sheet
 
@@ -32,25 +35,41 @@ SHEET_FILE = "audit.png"
 
 @dataclass
 class AuditConfig:
-    data: str = ""
-    out: str | None = None  # default runs/audit-<timestamp>
-    model: str = "resnet50"
-    weights: str = "imagenet"  # as train; 'none' means no features (hash checks only)
-    features: bool = True
-    img_size: int | None = None  # default: the weights' resolution, as train
-    device: str = "auto"
-    precision: str = "auto"
-    near_distance: int = NEAR_DISTANCE  # perceptual-hash bits (of 64) for "the same picture"
-    similarity: float = 0.98  # cosine of standardised features for a look-alike (measured on flowers5)
-    outlier_mads: float = 3.0  # an outlier is this many MADs above the median neighbour distance
-    top: int = 24  # cases per section on the contact sheet
-    seed: int = 0
-    val_fraction: float = 0.2
+    data: str = ""  # the command's positional DATA
+    out: str | None = setting(None, help="output folder (default runs/audit-<timestamp>)")
+    model: str = setting("resnet50", help="backbone for the feature-based checks")
+    weights: str = setting(
+        "imagenet",
+        help="as train: imagenet, a state-dict FILE, or none (then only the hash-based checks run)",
+    )
+    features: bool = setting(
+        True,
+        negate="--no-features",
+        help="hash-based checks only (no model): copies, leakage, label conflicts",
+    )
+    img_size: int | None = setting(
+        None, help="feature resolution (default: what the weights were trained at)"
+    )
+    device: str = setting("auto", help="auto, cpu, cuda or cuda:N")
+    precision: str = setting("auto", choices=PRECISIONS, help=PRECISION_HELP)
+    near_distance: int = setting(
+        NEAR_DISTANCE, help="perceptual-hash bits (of 64) within which two images are the same picture"
+    )
+    similarity: float = setting(  # measured on flowers5
+        0.98, help="cosine of standardised backbone features at or above which two images look alike"
+    )
+    outlier_mads: float = setting(
+        3.0, help="an outlier is this many MADs above the median distance to its nearest neighbours"
+    )
+    top: int = setting(24, help="cases per section on the contact sheet")
+    seed: int = setting(SPLIT_SEED, help="seed of the held-out split, as train's")
+    val_fraction: float = setting(VAL_FRACTION, help="held out when there is no val split, as train")
 
     def validate(self) -> None:
         if not self.data:
             raise ConfigError("no dataset given")
         check_architecture(self.model)
+        check_choices(self)
         checks = [
             (0 <= self.near_distance <= 32, f"near-distance must be in 0..32 bits, got {self.near_distance}"),
             (0 < self.similarity <= 1, f"similarity must be in (0, 1], got {self.similarity}"),

@@ -20,12 +20,14 @@ from pathlib import Path
 from ..data.scan import load_dataset
 from ..data.sources import discover
 from ..data.splits import DatasetSource
+from ..ensemble import WEIGHTINGS
 from ..errors import ConfigError, ExportError, RunFolderError, WeightsError
 from ..evaluate import evaluate_split
 from ..fileio import atomic_write_json
 from ..inference.classifier import Classifier, InferenceConfig
 from ..models import check_architecture, fused_members
 from ..run_folder import RunFolder, load_model, read_meta
+from ..settings import comma_list, setting
 from ..train import TrainConfig, resume, train
 from .measure import (
     Timing,
@@ -66,19 +68,37 @@ class CompareConfig:
     for all, or ``arch=FILE`` pairs separated by commas.
     """
 
-    data: str = ""
-    models: list[str] = field(default_factory=lambda: list(DEFAULT_MODELS))
-    weights: str = "imagenet"
-    out: str | None = None
-    train: TrainConfig = field(default_factory=TrainConfig)
-    ensemble: bool = True
-    ensemble_weighting: str = "val"
+    data: str = ""  # the command's positional DATA
+    models: list[str] = setting(
+        default_factory=lambda: list(DEFAULT_MODELS),
+        parse=comma_list,
+        metavar="MODELS",
+        help="comma-separated: architectures to train (a+b: one fused network) or existing run folders "
+        f"(default {','.join(DEFAULT_MODELS)})",
+    )
+    weights: str = setting(
+        "imagenet",
+        help="imagenet or none for all, or ARCH=FILE pairs separated by commas "
+        "(resnet50=A.pth,resnet101=B.pth; a fused a+b model gets both)",
+    )
+    out: str | None = setting(None, help="comparison folder (default runs/compare-<timestamp>)")
+    train: TrainConfig = field(default_factory=TrainConfig)  # the recipe flags, as train's
+    ensemble: bool = setting(
+        True,
+        negate="--no-ensemble",
+        help="skip the late-fusion ensemble of the first two single-architecture runs",
+    )
+    ensemble_weighting: str = setting(
+        "val",
+        choices=WEIGHTINGS,
+        help="the ensemble's member weights: equal, or fitted on the validation log-loss",
+    )
     inference: InferenceConfig = field(default_factory=InferenceConfig)  # what `resfit predict` uses
     tta_modes: tuple[str, ...] = TTA_MODES
     # Timing protocol (the report states it): medians over enough calls to ride out scheduler noise.
     latency_warmup: int = 5
-    latency_repeats: int = 30
-    throughput_batch: int = 32
+    latency_repeats: int = setting(30, help="timed batch-1 calls per figure (the median is reported)")
+    throughput_batch: int = setting(32, help="batch size of the throughput figure")
     throughput_warmup: int = 2
     throughput_repeats: int = 5
 
@@ -321,7 +341,7 @@ def obtain_run(
         _record_timing(out, timings, run_dir, history_seconds(run_dir), "history.csv elapsed (resumed)")
         return "resumed here"
     say(f"{plan.name}: training {plan.architecture} from {plan.weights} into {run_dir}")
-    result = train(replace(recipe), say=say)
+    result = train(recipe, say=say)
     _record_timing(out, timings, run_dir, result.seconds, "RunResult.seconds")
     return "trained here"
 

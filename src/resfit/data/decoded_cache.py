@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from ..errors import ConfigError, ImageReadError
 from ..fileio import atomic_write
-from ..vision import transforms as T
+from ..torchvision_import import transforms as T
 from .feature_cache import content_fingerprint
 from .scan import PROGRESS_DELAY_S, default_cache_dir
 from .splits import DatasetSource

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from PIL import Image
 
 from ..errors import ConfigError
-from ..vision import transforms as T
+from ..torchvision_import import transforms as T
 
 INTERPOLATIONS = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}
 AUGMENTATIONS = ("none", "standard", "trivialaugment", "randaugment")

@@ -11,17 +11,21 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..batched_inference import softmax
 from ..data.images import open_rgb
 from ..data.scan import default_cache_dir
 from ..data.transforms import Preprocessing
 from ..errors import ExportError, ImageReadError
-from ..evaluate import softmax
 from ..hardware import Runtime, apply_threads, resolve_runtime
+from ..model_wrappers import TTA_HELP, TTA_MODES
 from ..rejection import UNKNOWN, RejectRule, needs_features, split_output
 from ..run_folder import RunFolder, read_meta
+from ..settings import setting
 from .engines import (
+    BACKENDS,
     INT8_ENGINE,
     MEASURE_BATCH,
+    PERFORMANCE_HINTS,
     BackendChoice,
     OnnxRuntimeBackend,
     OpenVinoBackend,
@@ -38,6 +42,7 @@ from .engines import (
 from .export_cache import LoadedRun, cached_export, cached_int8_export
 
 PREDICT_BATCH_SIZE = 16
+INFERENCE_PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")  # fp16: CUDA only
 
 
 @dataclass
@@ -96,15 +101,29 @@ class Answer:
 class InferenceConfig:
     """How a run folder is turned into a Classifier: where it runs, how fast, and at what precision."""
 
-    device: str = "auto"
-    precision: str = "auto"  # auto: bf16 where the CPU has it natively and the backend runs it
-    backend: str = "auto"  # auto | torch | onnxruntime | openvino
-    performance_hint: str = "LATENCY"  # OpenVINO: LATENCY (one request, all cores) or THROUGHPUT
-    cache_dir: str | None = None  # on-the-fly exports; default $RESFIT_CACHE or ~/.cache/resfit
-    tta: str | None = (
-        None  # test-time augmentation: None = the run's stored setting (see run_folder.with_tta)
+    device: str = setting("auto", help="auto, cpu, cuda or cuda:N (a GPU index)")
+    precision: str = setting(
+        "auto",
+        choices=INFERENCE_PRECISIONS,
+        help="auto: bf16 where the CPU has it natively; fp32 for exact fp32 results; "
+        "int8 (OpenVINO): quantized once on the run's training images, used only if it agrees with fp32",
     )
-    reject: bool = True  # apply the run's "unknown" rule (model.json "reject"), if it has one
+    backend: str = setting(
+        "auto", choices=BACKENDS, help="inference engine on CPU (default: the fastest for this CPU, printed)"
+    )
+    performance_hint: str = setting(
+        "LATENCY",
+        choices=PERFORMANCE_HINTS,
+        help="OpenVINO: LATENCY (one request on all cores, measured faster on 2 cores) or THROUGHPUT",
+    )
+    cache_dir: str | None = None  # on-the-fly exports; default $RESFIT_CACHE or ~/.cache/resfit
+    # None: the run's stored setting (see run_folder.with_tta)
+    tta: str | None = setting(None, choices=TTA_MODES, help=f"{TTA_HELP}; default: the run's stored setting")
+    reject: bool = setting(  # apply the run's "unknown" rule (model.json "reject"), if it has one
+        True,
+        negate="--no-reject",
+        help='always name a class: ignore the run\'s "unknown" rule (see resfit train --reject-target)',
+    )
     # auto on a CPU without native bf16 may also time gated int8 (OpenVINO) and keep it if fastest: worth its
     # one-time quantization for serve and batch predict (the CLI sets it there); the default stays fp32-exact
     int8_when_safe: bool = False

@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 from ..data.decoded_cache import MODES as DECODED_CACHE_MODES
 from ..data.splits import SPLIT_SEED, VAL_FRACTION
 from ..data.transforms import AUGMENTATIONS
 from ..errors import ConfigError
-from ..hardware import PRECISIONS, parse_device
+from ..hardware import PRECISION_HELP, PRECISIONS, parse_device
 from ..model_wrappers import TTA_MODES
 from ..models import check_architecture
 from ..rejection import DEFAULT_SCORE as DEFAULT_REJECT_SCORE
 from ..rejection import DEFAULT_TARGET as DEFAULT_REJECT_TARGET
 from ..rejection import SCORES as REJECT_SCORES
 from ..rejection import parse_target as parse_reject_target
+from ..settings import check_choices, int_list, number_or_auto, setting
 from .recipe import BALANCE_MODES
-from .tracking import check_trackers
+from .tracking import check_trackers, tracker_names
 
 OPTIMIZERS = ("adamw", "sgd")
 BN_MODES = ("frozen", "train")
@@ -24,75 +25,149 @@ DEFAULT_LR = {"adamw": 1e-3, "sgd": 1e-2}
 MAX_FROZEN_BLOCKS = 5  # stem, layer1..layer4: 5 trains the head alone, on augmented images
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     """Two stages: the head on the frozen backbone (a probe fitted on cached features), then full fine-tuning.
 
     ``lr`` is the head's learning rate in stage 2; each backbone block below gets ``layer_decay`` times less.
     ``None`` means "chosen for you": image size from the weights, batch size from the device, lr per optimizer.
     ``lr="auto"`` runs a learning-rate range test after the head stage and records the lr it suggests.
+    Frozen: a run decides its defaults into a new config (train/resolve.py) and never changes the caller's.
     """
 
-    data: str = ""
-    model: str = "resnet50"
-    weights: str = "imagenet"
-    epochs: int = 6
-    img_size: int | None = None
-    batch_size: int | None = None
-    lr: float | str | None = None  # a number, None (the optimizer's default) or "auto" (a range test)
-    optimizer: str = "adamw"
-    weight_decay: float = 0.05
-    layer_decay: float = 0.5
-    # the lowest backbone blocks fine-tuning leaves as the source trained them; None: 2 (stem + layer1,
-    # as detectron2's FREEZE_AT=2) from pretrained weights, 0 from scratch (see default_frozen_blocks)
-    frozen_blocks: int | None = None
-    warmup_epochs: float = 1.0
-    label_smoothing: float = 0.1
-    dropout: float = 0.0
-    augment: str = "standard"
-    min_crop_scale: float = 0.35
-    bn: str = "frozen"
-    # under torchrun on CUDA with --bn train: BatchNorm statistics over the global batch (CUDA only)
-    sync_bn: bool = False
-    head_stage: bool = True
-    feature_cache: bool = (
-        True  # reuse the head stage's pooled features across runs (see data/feature_cache.py)
+    data: str = ""  # the command's positional DATA
+    model: str = setting("resnet50", help="resnet18/34/50/101/152, resnext50_32x4d, resnext101_32x8d")
+    weights: str = setting("imagenet", help="imagenet (torchvision's weights), none, or a state-dict FILE")
+    epochs: int = setting(6, help="fine-tuning epochs after the head stage")
+    img_size: int | None = setting(
+        None, help="training crop in px (default: what the weights were trained at)"
     )
-    decoded_cache: str = "auto"  # auto | on | off: pre-resized images in a memory map (data/decoded_cache.py)
-    patience: int = 3
-    multi_scale: bool = False  # progressive resizing over --train-sizes (default 0.75x, 0.875x, 1x img-size)
-    train_sizes: list[int] | None = None
-    ema: bool = False  # validate and keep an exponential moving average of the weights
-    ema_decay: float | None = None  # None: a half-life of one epoch
-    # WiSE-FT: the kept weights are this share of the last fine-tuned ones plus the rest of the head
-    # stage's (1 = the fine-tuned weights alone; 0.5 = the midpoint); below 1 no epoch is picked on val
-    wise_ft: float = 1.0
-    mixup: float = 0.0  # Beta alpha; 0 = off
-    cutmix: float = 0.0  # Beta alpha; 0 = off
-    # auto: class-balanced batches when the largest class has >= 3x the smallest's images, else none;
-    # sampler (class-balanced batches) | loss (inverse-frequency weights) | none
-    balance: str = "auto"
-    tta: str = "none"  # stored with the model: predict, evaluate, export and the service all apply it
-    # the "unknown" answer, chosen on validation after calibration (coverage:X | precision:X | none)
-    reject_target: str = DEFAULT_REJECT_TARGET
-    reject_score: str = DEFAULT_REJECT_SCORE  # msp (calibrated top-1 probability) | energy (logsumexp)
-    seed: int = SPLIT_SEED
-    val_fraction: float = VAL_FRACTION
-    exclude_from: str | None = None  # an audit.json (its "exclude" list) or a file of paths to leave out
-    device: str = "auto"
-    precision: str = "auto"
-    num_workers: int | None = None
-    out: str | None = None
-    quiet: bool = False
-    # experiment tracking (train/tracking.py): "tensorboard" and/or "mlflow"; empty = off
-    log: list[str] = field(default_factory=list)
-    mlflow_uri: str | None = None  # default $MLFLOW_TRACKING_URI, else a SQLite store in the run folder
+    batch_size: int | None = setting(None, help="default: chosen for the device")
+    lr: float | str | None = setting(
+        None,
+        parse=number_or_auto,
+        help="head learning rate in fine-tuning (default 1e-3 AdamW, 1e-2 SGD); "
+        "auto: a range test after the head stage picks it (see resfit lr-find)",
+    )
+    optimizer: str = setting("adamw", choices=OPTIMIZERS, help="the fine-tuning optimizer")
+    weight_decay: float = setting(0.05, help="weight decay in fine-tuning (not on biases and BatchNorm)")
+    layer_decay: float = setting(0.5, help="lr factor per block towards the input")
+    # None: 2 (stem + layer1, as detectron2's FREEZE_AT=2) from pretrained weights, 0 from scratch
+    # (see resolve.default_frozen_blocks)
+    frozen_blocks: int | None = setting(
+        None,
+        help="lowest backbone blocks left untrained in fine-tuning: 0 none, 1 the stem, 2 stem + layer1 "
+        "(default from pretrained weights: no backward pass through them, level accuracy in the suite; "
+        f"0 from scratch), up to {MAX_FROZEN_BLOCKS}",
+    )
+    warmup_epochs: float = setting(1.0, help="epochs of linear lr warm-up before the cosine decay")
+    label_smoothing: float = setting(0.1, help="label smoothing of the fine-tuning loss")
+    dropout: float = setting(0.0, help="dropout before the final layer")
+    augment: str = setting(
+        "standard",
+        choices=AUGMENTATIONS,
+        const="trivialaugment",
+        help="standard = random resized crop + flip; --augment alone adds TrivialAugment",
+    )
+    min_crop_scale: float = setting(0.35, help="smallest share of the image a random resized crop keeps")
+    bn: str = setting("frozen", choices=BN_MODES, help="BatchNorm statistics in fine-tuning")
+    sync_bn: bool = setting(
+        False,
+        help="CUDA only, under torchrun with --bn train: BatchNorm over the global batch (refused elsewhere)",
+    )
+    head_stage: bool = setting(True, negate="--no-head-stage", help="skip the frozen-backbone head fit")
+    feature_cache: bool = setting(  # see data/feature_cache.py
+        True,
+        negate="--no-feature-cache",
+        help="always recompute the head stage's features (default: cached by weights, preprocessing, image bytes)",
+    )
+    decoded_cache: str = setting(  # see data/decoded_cache.py
+        "auto",
+        choices=DECODED_CACHE_MODES,
+        help="decode and resize each image once into a memory-mapped cache (auto: at img-size <= 128)",
+    )
+    patience: int = setting(3, help="early stopping on validation loss")
+    multi_scale: bool = setting(
+        False, help="progressive resizing: early epochs at smaller sizes, the last at --img-size"
+    )
+    train_sizes: list[int] | None = setting(
+        None,
+        parse=int_list,
+        metavar="S1,S2,...",
+        help="the multi-scale sizes, run small to large (default 0.75x, 0.875x, 1x --img-size)",
+    )
+    ema: bool = setting(False, help="validate and keep an EMA of the weights")
+    ema_decay: float | None = setting(None, help="per step (default: a half-life of one epoch)")
+    wise_ft: float = setting(
+        1.0,
+        metavar="SHARE",
+        help="keep SHARE x the last fine-tuned weights + (1 - SHARE) x the head stage's (WiSE-FT); "
+        "1 keeps the best epoch on val",
+    )
+    mixup: float = setting(0.0, metavar="ALPHA", help="mixup Beta alpha (0 = off)")
+    cutmix: float = setting(0.0, metavar="ALPHA", help="cutmix Beta alpha (0 = off)")
+    balance: str = setting(
+        "auto",
+        choices=BALANCE_MODES,
+        help="unequal classes: class-balanced batches or inverse-frequency loss weights "
+        "(auto: batches balanced when the largest class has >= 3x the smallest's images)",
+    )
+    tta: str = setting(
+        "none",
+        choices=TTA_MODES,
+        help="test-time augmentation stored with the model (predict, evaluate, export, serve apply it)",
+    )
+    reject_target: str = setting(
+        DEFAULT_REJECT_TARGET,
+        metavar="coverage:X|precision:X|none",
+        help='the "unknown" answer, its threshold chosen on validation: answer the share X of validation '
+        "photos (coverage) or the most confident share whose accuracy is X (precision); none: always answer",
+    )
+    reject_score: str = setting(
+        DEFAULT_REJECT_SCORE,
+        choices=REJECT_SCORES,
+        help="the score the rule thresholds: distance to the nearest training photos' features (knn), "
+        "calibrated top-1 probability (msp) or logsumexp (energy)",
+    )
+    seed: int = setting(SPLIT_SEED, help="seeds the held-out split, the head's fit and the batch order")
+    val_fraction: float = setting(VAL_FRACTION, help="held out when there is no val split")
+    exclude_from: str | None = setting(
+        None,
+        metavar="FILE",
+        help="leave out the files listed in FILE: an audit.json (its reviewed 'exclude' list, see "
+        "resfit audit) or one path per line, relative to DATA; the files are not touched",
+    )
+    device: str = setting("auto", help="auto, cpu, cuda or cuda:N (a GPU index)")
+    precision: str = setting("auto", choices=PRECISIONS, help=PRECISION_HELP)
+    num_workers: int | None = setting(
+        None,
+        names=("--workers",),
+        help="DataLoader workers (default: none on 2 cores, where loading in-process is faster)",
+    )
+    out: str | None = setting(None, help="run folder (default runs/<model>-<timestamp>)")
+    quiet: bool = setting(False, help="no progress bars: one line per epoch, for logs")
+    # experiment tracking (train/tracking.py)
+    log: list[str] = setting(
+        default_factory=list,
+        names=("--log", "--track"),
+        parse=tracker_names,
+        metavar="TRACKERS",
+        help="experiment tracking, comma-separated: tensorboard (RUN_DIR/tensorboard), mlflow "
+        "(needs pip install 'resfit[track]'; default off); spell it --track under torchrun",
+    )
+    mlflow_uri: str | None = setting(
+        None,
+        metavar="URI",
+        help="MLflow tracking URI (a server http://HOST:5000 or sqlite:///FILE); default $MLFLOW_TRACKING_URI, "
+        "else sqlite in RUN_DIR/mlflow",
+    )
 
     def validate(self) -> None:
         if not self.data:
             raise ConfigError("no dataset given")
         check_architecture(self.model)
         parse_device(self.device)
+        check_choices(self)
         checks = [
             (self.epochs >= 0, f"epochs must be >= 0, got {self.epochs}"),
             (self.img_size is None or self.img_size >= 32, f"img-size must be >= 32, got {self.img_size}"),
@@ -104,9 +179,6 @@ class TrainConfig:
                 self.lr in (None, "auto") or (isinstance(self.lr, int | float) and self.lr > 0),
                 f"lr must be > 0 or 'auto', got {self.lr!r}",
             ),
-            (self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}"),
-            (self.tta in TTA_MODES, f"tta must be one of {TTA_MODES}, got {self.tta!r}"),
-            (self.balance in BALANCE_MODES, f"balance must be one of {BALANCE_MODES}, got {self.balance!r}"),
             (self.mixup >= 0 and self.cutmix >= 0, "mixup and cutmix alphas must be >= 0"),
             (
                 self.ema_decay is None or 0 < self.ema_decay < 1,
@@ -115,13 +187,6 @@ class TrainConfig:
             (
                 not self.train_sizes or all(int(s) >= 32 for s in self.train_sizes),
                 f"train-sizes must all be >= 32, got {self.train_sizes}",
-            ),
-            (self.bn in BN_MODES, f"bn must be one of {BN_MODES}, got {self.bn!r}"),
-            (self.augment in AUGMENTATIONS, f"augment must be one of {AUGMENTATIONS}, got {self.augment!r}"),
-            (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}"),
-            (
-                self.decoded_cache in DECODED_CACHE_MODES,
-                f"decoded-cache must be one of {DECODED_CACHE_MODES}, got {self.decoded_cache!r}",
             ),
             (
                 self.frozen_blocks is None or 0 <= self.frozen_blocks <= MAX_FROZEN_BLOCKS,
@@ -146,8 +211,6 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(message)
         parse_reject_target(self.reject_target)
-        if self.reject_score not in REJECT_SCORES:
-            raise ConfigError(f"reject-score must be one of {REJECT_SCORES}, got {self.reject_score!r}")
         check_trackers(self.log, self.mlflow_uri)
 
     @property

@@ -17,12 +17,12 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 from tqdm import tqdm
 
+from ..batched_inference import eval_loader, to_device
 from ..data.dataset import ImageDataset
 from ..data.decoded_cache import DecodedImages
 from ..data.splits import DatasetSource
 from ..data.transforms import Preprocessing
 from ..errors import DataError
-from ..evaluate import eval_loader, to_device
 from ..hardware import Runtime
 from ..models import forward_features
 

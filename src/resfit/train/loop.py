@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..batched_inference import eval_loader, predict_logits
 from ..calibration import calibrate_run
 from ..data.dataset import ImageDataset
 from ..data.decoded_cache import decoded_caches
@@ -41,10 +42,9 @@ from ..distributed import (
     sum_across,
 )
 from ..errors import ConfigError, RunFolderError
-from ..evaluate import eval_loader, predict_logits
-from ..hardware import Runtime, apply_device, default_num_workers, pin_memory, resolve_runtime
+from ..hardware import apply_device, pin_memory, resolve_runtime
+from ..metrics import format_metrics_table
 from ..models import (
-    PretrainedSource,
     apply_pretrained,
     build_model,
     freeze_batchnorm,
@@ -53,6 +53,7 @@ from ..models import (
     load_pretrained,
     set_backbone_trainable,
 )
+from ..plots import plot_training_curves
 from ..rejection import (
     FEATURE_SCORES,
     MAX_BANK_IMAGES,
@@ -61,15 +62,12 @@ from ..rejection import (
     why_no_rule,
 )
 from ..rejection import parse_target as parse_reject_target
-from ..reports import format_metrics_table, plot_training_curves
 from ..run_folder import RunFolder, build_model_meta
 from .config import TrainConfig
 from .folded_bn import training_network
 from .head import extract_features, fit_probe_head, head_logits
 from .lr_find import END_LR, START_LR, STEPS, RangeTest, auto_lr, range_test, write_range_test
 from .recipe import (
-    AUTO_BALANCE,
-    IMBALANCE_WARNING_RATIO,
     balanced_sample_weights,
     batch_for_size,
     batch_mixing,
@@ -77,10 +75,10 @@ from .recipe import (
     default_train_sizes,
     ema_decay_for,
     epoch_sizes,
-    imbalance_ratio,
     interpolate_weights,
     make_ema,
 )
+from .resolve import DataFacts, resolve_settings
 from .state import load_start_weights, load_state, restore, save_start_weights, save_state
 from .step import fine_tuning_loss, training_step
 from .tracking import Tracking, open_tracking, require_tracker_packages
@@ -95,29 +93,6 @@ class RunResult:
     history: list[dict]
     best_epoch: int
     seconds: float
-
-
-def default_img_size(pretrained: PretrainedSource) -> int:
-    """The resolution the weights were trained at (224 for torchvision's ImageNet weights)."""
-    return pretrained.crop_size or 224
-
-
-def default_frozen_blocks(pretrained: PretrainedSource) -> int:
-    """Stem + layer1 left as a pretrained source made them, every block trained from scratch.
-
-    In the accuracy suite (ResNet-50, 9 fold-runs on each of ants/bees and flowers5, benchmarks/RESULTS.md
-    section 7) freezing them was level with training every block (+0.1 points, 95% CI [-1.2, +1.3] on
-    flowers5) and flowers5's runs were 1.11x [1.09, 1.14] faster, paired per fold (ants/bees' times were too
-    noisy to say): no backward pass through the blocks with the largest activations, the step's biggest gain
-    on a CPU without native bf16 (issue #17).
-    """
-    return 0 if pretrained.kind == "none" else 2
-
-
-def default_batch_size(runtime: Runtime, img_size: int) -> int:
-    if runtime.device_type == "cuda":
-        return 64
-    return 32 if img_size <= 192 else 16
 
 
 def cosine_with_warmup(step: int, total_steps: int, warmup_steps: int) -> float:
@@ -247,44 +222,25 @@ class Trainer:
             warning = warning_line(hash_duplicates(self.source), config.data)
             if warning:
                 self.say(warning)
-        counts = class_counts(self.source.splits["train"].labels, len(self.source.class_names))
-        ratio = imbalance_ratio(counts)
-        unequal = (
-            f"training classes are unequal (largest {counts.max()} images, smallest "
-            f"{counts[counts > 0].min()}: {ratio:.1f}x)"
-        )
-        if config.balance == "auto":
-            config.balance = AUTO_BALANCE if ratio >= IMBALANCE_WARNING_RATIO else "none"
-            if config.balance != "none":
-                self.say(f"{unequal}: --balance {config.balance} (auto; --balance none to turn it off)")
-        elif ratio >= IMBALANCE_WARNING_RATIO and config.balance == "none":
-            self.say(f"warning: {unequal}; consider --balance sampler or --balance loss")
         if self.sharded:
             self._shard_notes()
         self.pretrained = load_pretrained(config.model, config.weights)
         self.say(f"weights: {self.pretrained.description}")
-        # Resolve every "chosen for you" value once and store it, so a resumed run uses the same ones.
-        config.img_size = config.img_size or default_img_size(self.pretrained)
-        config.batch_size = config.batch_size or default_batch_size(self.runtime, config.img_size)
-        if config.frozen_blocks is None:
-            config.frozen_blocks = default_frozen_blocks(self.pretrained)
-        if config.num_workers is None:
-            config.num_workers = default_num_workers(self.runtime, self.dist.local_world_size)
-        if config.lr is None:
-            config.lr = config.head_lr
-        elif config.lr == "auto" and self.dist.enabled:
-            # One process runs the range test while the others wait: SyncBatchNorm would hang on it.
-            raise ConfigError(
-                "--lr auto is for single-process runs: run `resfit lr-find` with the same flags, "
-                "then pass the lr it suggests to torchrun as --lr"
-            )
-        self.preprocessing = Preprocessing.for_size(
-            config.img_size, self.pretrained.mean, self.pretrained.std
+        # Every "chosen for you" value is decided once and stored, so a resumed run uses the same ones.
+        resolved = resolve_settings(
+            config,
+            self.runtime,
+            self.pretrained,
+            DataFacts(
+                class_counts(self.source.splits["train"].labels, len(self.source.class_names)), self.sharded
+            ),
+            processes_per_node=self.dist.local_world_size,
+            distributed=self.dist.enabled,
         )
-        if self.pretrained.kind == "imagenet" and config.img_size == self.pretrained.crop_size:
-            self.preprocessing = Preprocessing(
-                config.img_size, self.pretrained.resize_size, self.pretrained.mean, self.pretrained.std
-            )
+        for note in resolved.notes:
+            self.say(note)
+        self.config = config = resolved.config
+        self.preprocessing = resolved.preprocessing
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.folder.write_train_config(config.to_dict())
@@ -336,11 +292,6 @@ class Trainer:
             f"{SHUFFLE_BUFFER}-sample buffer seeded by seed and epoch; each DataLoader worker drops its last "
             "partial batch; no duplicate check and no decoded-image cache (they need every image by position)"
         )
-        if self.config.balance == "sampler":
-            self.say(
-                "note: --balance sampler draws images by position, which a stream cannot: using --balance loss"
-            )
-            self.config.balance = "loss"
 
     def _seed(self) -> None:
         seed = self.config.seed
@@ -416,15 +367,17 @@ class Trainer:
     # -- stage 2 --------------------------------------------------------------------------------
     def choose_lr(self) -> None:
         """``--lr auto``: the range test (train/lr_find.py) picks the lr; it is saved so a resume reuses it."""
-        self.config.lr = auto_lr(self)
+        self.config = replace(self.config, lr=auto_lr(self))
         self.meta["training_config"] = self.config.to_dict()
         if self.dist.is_main:
             self.folder.write_train_config(self.config.to_dict())
             if self.folder.has_model:  # the head stage's model was kept before the lr was known
                 self.folder.write_meta(self.folder.read_meta() | {"training_config": self.config.to_dict()})
 
-    def make_optimizer(self) -> torch.optim.Optimizer:
-        optimizer, self.frozen_modules = finetune_optimizer(self.model, self.config)
+    def make_optimizer(self, head_lr: float | None = None) -> torch.optim.Optimizer:
+        """Stage 2's optimizer; ``head_lr`` in place of the run's lr (the range test builds it for 1)."""
+        config = self.config if head_lr is None else replace(self.config, lr=head_lr)
+        optimizer, self.frozen_modules = finetune_optimizer(self.model, config)
         return optimizer
 
     def train_mode(self, network: nn.Module) -> None:
@@ -550,9 +503,9 @@ class Trainer:
             raise
 
     def _run(self) -> RunResult | None:
-        config = self.config
-        require_tracker_packages(config.log)  # on every process, before anything starts
+        require_tracker_packages(self.config.log)  # on every process, before anything starts
         self.prepare()
+        config = self.config  # resolved: every "chosen for you" value decided
         if self.dist.is_main and config.log:
             self.tracking = open_tracking(
                 config.log, config.mlflow_uri, self.run_dir, self.resuming, self.say
@@ -624,9 +577,8 @@ class Trainer:
             if state is not None:  # killed during the test: run it again from the saved head
                 restore(self.model, None, state, tensors)
             self.choose_lr()
-        self.tracking.log_params(
-            config.to_dict()
-        )  # every "auto" resolved, the lr included: train_config.json
+            config = self.config
+        self.tracking.log_params(config.to_dict())  # every "auto" resolved, the lr included
         optimizer = self.make_optimizer()
         self.scaler = self.runtime.grad_scaler()
         plan = self.epoch_plan(len(self.source.splits["train"].items)) if config.epochs else []
@@ -808,8 +760,7 @@ def train(config: TrainConfig, say: Callable[[str], None] | None = None) -> RunR
 def resume(run_dir: str | Path, say: Callable[[str], None] | None = None) -> RunResult | None:
     """Continue an interrupted run from its last completed epoch, with the same schedule and randomness."""
     run_dir = Path(run_dir)
-    config = TrainConfig.from_dict(RunFolder(run_dir).read_train_config())
-    config.out = str(run_dir)
+    config = replace(TrainConfig.from_dict(RunFolder(run_dir).read_train_config()), out=str(run_dir))
     return Trainer(config, run_dir, resuming=True, say=say or _print).run()
 
 
@@ -818,16 +769,13 @@ def lr_find_config(run_or_data: str | Path, overrides: dict | None = None) -> Tr
     dataset, with ``overrides`` (the flags a user gave) on top. The run folder itself is only read."""
     folder = RunFolder(run_or_data)
     if folder.is_started:
-        config = TrainConfig.from_dict(folder.read_train_config())
+        config = replace(TrainConfig.from_dict(folder.read_train_config()), out=None)
         if not Path(config.data).exists() and folder.has_model:
             # The run's data path was relative to where it was trained; model.json holds it resolved.
-            config.data = folder.read_meta().get("data", {}).get("path", config.data)
-        config.out = None
+            config = replace(config, data=folder.read_meta().get("data", {}).get("path", config.data))
     else:
         config = TrainConfig(data=str(run_or_data))
-    for name, value in (overrides or {}).items():
-        setattr(config, name, value)
-    return config
+    return replace(config, **(overrides or {}))
 
 
 def find_lr(
@@ -843,7 +791,7 @@ def find_lr(
     Nothing is trained or kept but the test's json and plot; returns the test and its folder.
     """
     say = say or _print
-    config.lr = "auto"  # the sweep decides; this also refuses a run under torchrun (one process only)
+    config = replace(config, lr="auto")  # the sweep decides; this also refuses a run under torchrun
     config.validate()
     out = Path(out) if out else Path("runs") / f"lr-find-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     # prepare() writes a run's config files; they go to a scratch folder, so `out` never looks like a run.

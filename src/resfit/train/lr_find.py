@@ -229,11 +229,7 @@ def range_test(
     try:
         # The optimizer is built the one way stage 2 builds it, for a head lr of 1: each group's lr is
         # then its share of the head's, and the sweep scales all of them together.
-        chosen, config.lr = config.lr, 1.0
-        try:
-            optimizer = trainer.make_optimizer()
-        finally:
-            config.lr = chosen
+        optimizer = trainer.make_optimizer(head_lr=1.0)
         shares = [group["lr"] for group in optimizer.param_groups]
         scaler = runtime.grad_scaler()
         trainer.train_mode(model)

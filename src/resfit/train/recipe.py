@@ -12,7 +12,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ..errors import ConfigError, RunFolderError
-from ..vision import torchvision  # noqa: F401 - registers the import shim before transforms.v2
+from ..torchvision_import import torchvision  # noqa: F401 - registers the import shim before transforms.v2
 
 BALANCE_MODES = ("auto", "none", "sampler", "loss")
 # Classes this unequal (largest / smallest training class) get balanced under --balance auto (the

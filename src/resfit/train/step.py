@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..evaluate import to_device
+from ..batched_inference import to_device
 from ..hardware import Runtime
 from .config import TrainConfig
 from .recipe import balanced_class_weights, class_counts
