@@ -60,6 +60,12 @@ def train_real_run(shared_dir: Path, base: Path) -> Path:
     return out
 
 
+def real_run_cache(base: Path) -> Path:
+    """One export cache for the real run across the session: its int8 verdict (minutes on a CPU without
+    native bf16) and its exports are reached once, by whichever test comes first."""
+    return base / "real-run-cache"
+
+
 def confident_val_images(
     classifier: Classifier, shared_dir: Path, per_class: int = 1
 ) -> list[tuple[Path, str]]:
@@ -183,7 +189,7 @@ def test_real_run_export_agrees_on_validation_photos(real_run, tmp_path, fmt, ca
 
 
 @pytest.mark.slow
-def test_real_run_backends_agree_with_fp32_torch(real_run, shared_dir, tmp_path):
+def test_real_run_backends_agree_with_fp32_torch(real_run, shared_dir, tmp_path_factory):
     """Every backend at fp32 and the default precision (and int8 where kept) picks the fp32 class on 24 photos."""
     paths = [
         p
@@ -195,7 +201,8 @@ def test_real_run_backends_agree_with_fp32_torch(real_run, shared_dir, tmp_path)
     expected = reference.logits(batch)
     cases = [(b, p) for b in ("onnxruntime", "openvino", "auto") for p in ("fp32", "auto")]
     for backend, precision in cases + [("openvino", "int8")]:
-        config = InferenceConfig(backend=backend, precision=precision, cache_dir=str(tmp_path / "cache"))
+        cache = real_run_cache(tmp_path_factory.getbasetemp())
+        config = InferenceConfig(backend=backend, precision=precision, cache_dir=str(cache))
         try:
             classifier = Classifier.load(real_run, config=config)
         except ExportError as error:

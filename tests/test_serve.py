@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from test_export import confident_val_images, train_real_run, train_tiny_run
+from test_export import confident_val_images, real_run_cache, train_real_run, train_tiny_run
 
+from resfit.hardware import detect_cpu
 from resfit.inference.classifier import Classifier, InferenceConfig
 from resfit.serve import MB, BackgroundServer, Batcher, ServeConfig, create_app, sniff_format
 
@@ -271,7 +272,9 @@ def test_resfit_serve_command_serves_a_real_run(shared_dir, tmp_path_factory, tm
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    env = os.environ | {"RESFIT_CACHE": str(tmp_path / "cache")}
+    # the session's cache: a first start's int8 quantization is the export tests' (and Ctrl-C after it,
+    # test_backends.py's); here the command itself is under test
+    env = os.environ | {"RESFIT_CACHE": str(real_run_cache(tmp_path_factory.getbasetemp()))}
     log = tmp_path / "serve.log"
     with open(log, "w") as stderr:
         server = subprocess.Popen(
@@ -279,7 +282,8 @@ def test_resfit_serve_command_serves_a_real_run(shared_dir, tmp_path_factory, tm
         )
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 180
+        # run alone, without native bf16, a first start quantizes to int8 first (about 3 min on 2 cores)
+        deadline = time.monotonic() + (180 if detect_cpu().native_bf16 else 600)
         while True:
             assert server.poll() is None, log.read_text()
             try:

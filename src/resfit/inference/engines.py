@@ -14,6 +14,7 @@ into streams, which only pays off with several requests in flight; it is measure
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -254,6 +255,17 @@ class OnnxRuntimeBackend:
         return np.asarray(self.session.run(None, feed)[0], dtype=np.float32)
 
 
+@functools.cache
+def openvino_core():
+    """The process's one OpenVINO core, as OpenVINO advises: its CPU plugin gives the thread an alternate
+    signal stack per core and frees it with the core, so cores freed out of order (an engine timed and
+    dropped, another kept) leave the thread's stack pointing at freed memory and its next signal (Ctrl-C)
+    a segmentation fault. One core lives as long as the process."""
+    import openvino as ov
+
+    return ov.Core()
+
+
 class OpenVinoBackend:
     """OpenVINO on CPU; bf16 through INFERENCE_PRECISION_HINT, so the IR on disk stays fp32."""
 
@@ -262,11 +274,9 @@ class OpenVinoBackend:
     def __init__(
         self, ir_path: str | Path, threads: int, precision: str = "fp32", performance_hint: str = "LATENCY"
     ):
-        import openvino as ov
-
         self.precision = precision
         self.performance_hint = performance_hint
-        core = ov.Core()
+        core = openvino_core()
         config = {
             # An int8 IR runs its quantized layers in int8 and keeps the rest in fp32.
             "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",

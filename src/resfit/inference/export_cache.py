@@ -6,11 +6,15 @@ A ``LoadedRun`` is read once per process (model, metadata, weights digest) and e
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import functools
 import hashlib
+import importlib.util
 import io
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import tempfile
@@ -198,10 +202,8 @@ def cached_int8_export(
                 raise ExportError(verdict["summary"])
             if path.is_file():
                 return path, verdict["summary"]
-    try:
-        import nncf
-    except ImportError:
-        raise ExportError("int8 needs NNCF: pip install nncf") from None
+    if importlib.util.find_spec("nncf") is None:
+        raise ExportError("int8 needs NNCF: pip install nncf")
     model, meta = run.model, run.meta
     transform = Preprocessing.from_dict(meta["preprocessing"]).eval_transform()
     classes = len(meta["class_names"])  # the logits; any columns after them are features
@@ -229,7 +231,7 @@ def cached_int8_export(
         references = {split: fp32(images)[:, :classes] for split, images in checks.items()}
         expected = references["validation"].argmax(1)
         started = time.perf_counter()
-        _quantize(nncf, fp32_ir, calibration, staged, checks["validation"], expected, classes, ranking_images)
+        _quantize(fp32_ir, calibration, staged, checks["validation"], expected, classes, ranking_images)
         engine = OpenVinoBackend(staged, max(1, torch.get_num_threads()), "int8")
         agreements, worst = {}, 0.0
         for split, images in checks.items():
@@ -281,7 +283,6 @@ def _read_verdict(path: Path) -> dict | None:
 
 
 def _quantize(
-    nncf,
     fp32_ir: Path,
     calibration: np.ndarray,
     out: Path,
@@ -290,13 +291,40 @@ def _quantize(
     classes: int,
     ranking_images: int | None,
 ) -> None:
+    """NNCF post-training quantization of the fp32 IR to ``out`` (see ``_quantize_here``), in a process of
+    its own. NNCF compiles the model in many short-lived OpenVINO cores; OpenVINO's CPU plugin (2026.0)
+    gives each core's thread an alternate signal stack and frees it when the core goes, and cores freed out
+    of order leave the thread's stack pointing at freed memory, so the next signal it takes (Ctrl-C in
+    ``resfit serve``) was a segmentation fault. In a child process those cores never touch ours.
+    """
+    arrays = out.with_name("int8-inputs.npz")
+    np.savez(arrays, calibration=calibration, check=check, expected=expected)
+    quantize = functools.partial(
+        _quantize_here, str(fp32_ir), str(arrays), str(out), classes, ranking_images, 1.0 - INT8_MIN_AGREEMENT
+    )
+    spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: no fork of our threads or cores
+    try:
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
+            pool.submit(quantize).result()
+    except concurrent.futures.process.BrokenProcessPool:
+        raise ExportError("int8 quantization's process ended without a result (out of memory?)") from None
+    finally:
+        arrays.unlink(missing_ok=True)
+
+
+def _quantize_here(
+    fp32_ir: str, arrays: str, out: str, classes: int, ranking_images: int | None, max_drop: float
+) -> None:
     """NNCF post-training quantization of the fp32 IR under accuracy control: where int8 flips more than
-    1 - INT8_MIN_AGREEMENT of fp32's answers ``expected`` (class indices among the first ``classes``
-    outputs) on ``check`` (validation images), the layers that flip most go back to fp32, one group at a
-    time (at most INT8_RESTORE_STEPS), ranked on ``ranking_images`` of them. Logs and progress kept off
-    stdout."""
+    ``max_drop`` of fp32's answers ``expected`` (class indices among the first ``classes`` outputs) on
+    ``check`` (validation images), the layers that flip most go back to fp32, one group at a time (at most
+    INT8_RESTORE_STEPS), ranked on ``ranking_images`` of them. Logs and progress kept off stdout."""
+    import nncf
     import openvino as ov
     from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
+
+    with np.load(arrays) as saved:
+        calibration, check, expected = saved["calibration"], saved["check"], saved["expected"]
 
     def agreement(candidate, images) -> tuple[float, list[float]]:
         answers = np.concatenate([candidate(image)[0][:, :classes] for image in images]).argmax(1)
@@ -313,7 +341,7 @@ def _quantize(
                 nncf.Dataset([calibration[i : i + 1] for i in range(len(calibration))]),
                 nncf.Dataset([check[i : i + 1] for i in range(len(check))]),
                 agreement,
-                max_drop=1.0 - INT8_MIN_AGREEMENT,
+                max_drop=max_drop,
                 subset_size=len(calibration),
                 preset=nncf.QuantizationPreset.PERFORMANCE,
                 # the classifier head stays fp32 (see int8_gate); no MatMul at all is not an error
