@@ -292,11 +292,8 @@ def _quantize(
     ranking_images: int | None,
 ) -> None:
     """NNCF post-training quantization of the fp32 IR to ``out`` (see ``_quantize_here``), in a process of
-    its own. NNCF compiles the model in many short-lived OpenVINO cores; OpenVINO's CPU plugin (2026.0)
-    gives each core's thread an alternate signal stack and frees it when the core goes, and cores freed out
-    of order leave the thread's stack pointing at freed memory, so the next signal it takes (Ctrl-C in
-    ``resfit serve``) was a segmentation fault. In a child process those cores never touch ours.
-    """
+    its own: NNCF makes many short-lived OpenVINO cores, and cores freed out of order break this process's
+    signal handling (why, in ``engines.openvino_core``); in a child they never touch ours."""
     arrays = out.with_name("int8-inputs.npz")
     np.savez(arrays, calibration=calibration, check=check, expected=expected)
     quantize = functools.partial(
