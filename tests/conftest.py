@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -41,8 +43,38 @@ def _restore_sigchld():
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Keep every test's scan/feature caches out of the user's ~/.cache."""
-    monkeypatch.setenv("RESFIT_CACHE", str(tmp_path_factory.mktemp("resfit-cache")))
+    """Keep every test's scan/feature/export caches out of the user's ~/.cache, and off the disk after it."""
+    cache = tmp_path_factory.mktemp("resfit-cache")
+    monkeypatch.setenv("RESFIT_CACHE", str(cache))
+    yield
+    shutil.rmtree(cache, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def example_dir(tmp_path_factory, name: str):
+    """A new folder for one Hypothesis example (function-scoped fixtures do not reset between examples),
+    removed when the example ends: copies of a run, dozens of times over, would otherwise pile up."""
+    path = tmp_path_factory.mktemp(name)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory, request) -> Callable[[str], Path]:
+    """``module_tmp(name)`` makes a new folder for one test module's shared fixtures (their runs are hundreds
+    of MB); all are removed when the module ends, so the suite's disk use peaks at one module's runs rather
+    than growing to every module's (about 20 GB)."""
+    base = tmp_path_factory.mktemp(request.module.__name__.removeprefix("test_"))
+
+    def make(name: str) -> Path:
+        path = base / name
+        path.mkdir()
+        return path
+
+    yield make
+    shutil.rmtree(base, ignore_errors=True)
 
 
 def kill_after_epoch(

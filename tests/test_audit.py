@@ -48,9 +48,9 @@ TINY_TRAIN += ["--batch-size", "8", "--workers", "0", "--quiet"]
 
 
 @pytest.fixture(scope="module")
-def flowers_subset(shared_dir, tmp_path_factory) -> Path:
+def flowers_subset(shared_dir, module_tmp) -> Path:
     """A copy of 24 flowers5 photos (never written into ../shared)."""
-    root = tmp_path_factory.mktemp("flowers-subset")
+    root = module_tmp("flowers-subset")
     for relative in [*KNOWN, *OTHERS]:
         target = root / relative
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -368,3 +368,51 @@ def test_serve_and_batch_predict_consider_int8_a_few_images_do_not(
     monkeypatch.setattr(serve_module, "run_server", lambda classifier, *args: served.append(classifier))
     assert main(["serve", str(tiny_run), "--port", "8765"]) == 0
     assert len(served) == 1 and "openvino-int8" in served[0].describe()
+
+
+def test_serve_answers_at_once_and_switches_to_int8_when_its_background_verdict_passes(
+    tiny_run, tiny_imagefolder, tmp_path, monkeypatch
+):
+    """Where bf16 is emulated, serve's first start does not wait minutes for int8: it answers on fp32 while
+    int8 is quantized and checked in a thread, then runs int8 if it passed and is the fastest measured (here
+    made the fastest); the next start finds the verdict cached and starts on int8 directly."""
+    import threading
+
+    import httpx
+
+    import resfit.inference.classifier as classifier_module
+    from resfit.serve import BackgroundServer, create_app
+
+    _as_cpu(monkeypatch, EPYC_AVX2)
+    let_int8_start, real_gated_int8 = threading.Event(), classifier_module._gated_int8
+
+    def held_back(*args, **kwargs):
+        assert let_int8_start.wait(300), "the test never let int8 start"
+        return real_gated_int8(*args, **kwargs)
+
+    monkeypatch.setattr(classifier_module, "_gated_int8", held_back)
+    read = classifier_module.read_measurement
+
+    def int8_fastest(path):
+        figures = read(path)
+        return figures and ({**figures, "openvino-int8": 1e9} if "openvino-int8" in figures else figures)
+
+    monkeypatch.setattr(classifier_module, "read_measurement", int8_fastest)
+    config = InferenceConfig(cache_dir=str(tmp_path), int8_when_safe=True, int8_later=True)
+    classifier = Classifier.load(tiny_run, config=config)
+    assert classifier.int8_pending and classifier.choice.precision == "fp32"
+    assert "int8 is being quantized and checked in the background" in classifier.describe()
+    photo = next((tiny_imagefolder / "val" / "red").glob("*.png"))
+    with BackgroundServer(create_app(classifier)) as url, httpx.Client(base_url=url, timeout=60) as http:
+        before = http.post("/predict", files={"file": ("red.png", photo.read_bytes())})
+        assert before.status_code == 200 and http.get("/health").json()["precision"] == "fp32"
+        let_int8_start.set()
+        deadline = time.time() + 600
+        while http.get("/health").json()["precision"] != "int8":
+            assert time.time() < deadline, "serve never switched to int8"
+            time.sleep(0.5)
+        after = http.post("/predict", files={"file": ("red.png", photo.read_bytes())})
+        assert after.status_code == 200
+        assert after.json()["predicted"] == before.json()["predicted"] == "red"
+    again = Classifier.load(tiny_run, config=config)  # the verdict is cached now: no waiting, no thread
+    assert not again.int8_pending and (again.choice.name, again.choice.precision) == ("openvino", "int8")

@@ -54,10 +54,10 @@ def test_a_temperature_is_not_fitted_where_the_data_cannot_tell():
 
 
 @pytest.fixture(scope="module")
-def scaled_run(tiny_imagefolder, tmp_path_factory) -> Path:
+def scaled_run(tiny_imagefolder, tmp_path_factory, module_tmp) -> Path:
     """The tiny run with a temperature far from 1, so a backend that ignored it would show."""
     base = train_tiny_run(tiny_imagefolder, tmp_path_factory.getbasetemp() / "deploy-tiny-run")
-    run = tmp_path_factory.mktemp("scaled") / "run"
+    run = module_tmp("scaled") / "run"
     shutil.copytree(base, run)
     meta = json.loads((run / RunFolder.MODEL_META).read_text())
     meta["temperature"] = 2.5

@@ -32,8 +32,8 @@ TINY_RECIPE = [
 
 
 @pytest.fixture(scope="module")
-def two_runs(tiny_imagefolder, tmp_path_factory) -> list[Path]:
-    base = tmp_path_factory.mktemp("compare-runs")
+def two_runs(tiny_imagefolder, module_tmp) -> list[Path]:
+    base = module_tmp("compare-runs")
     return [
         train_tiny_run(tiny_imagefolder, base / name, seed) for name, seed in (("tiny-a", 0), ("tiny-b", 1))
     ]

@@ -32,9 +32,9 @@ SHAPES = [(40, 40), (90, 30), (30, 100), (61, 23), (23, 77), (150, 41), (37, 124
 
 
 @pytest.fixture(scope="module")
-def varied(tmp_path_factory):
+def varied(module_tmp):
     """Two classes of images with varied aspect ratios, as PNG and JPEG."""
-    root = tmp_path_factory.mktemp("varied")
+    root = module_tmp("varied")
     rng = np.random.default_rng(0)
     for split, repeats in (("train", 2), ("val", 1)):
         for label, name in enumerate(("blue", "red")):

@@ -44,8 +44,8 @@ def _train(data: Path, out: Path, model: str = "resnet18", seed: int = 0, **extr
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_imagefolder, tmp_path_factory) -> dict[str, Path]:
-    base = tmp_path_factory.mktemp("ensemble-runs")
+def runs(tiny_imagefolder, module_tmp) -> dict[str, Path]:
+    base = module_tmp("ensemble-runs")
     return {
         "a": _train(tiny_imagefolder, base / "a", seed=0),
         "b": _train(tiny_imagefolder, base / "b", seed=1),

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import example_dir
 from fastapi.testclient import TestClient
 from fuzz_corpus import write_corpus
 from hypothesis import HealthCheck, given, settings
@@ -61,8 +62,8 @@ FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthChe
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> dict[str, Path]:
-    return write_corpus(tmp_path_factory.mktemp("fuzz-corpus"))
+def corpus(module_tmp) -> dict[str, Path]:
+    return write_corpus(module_tmp("fuzz-corpus"))
 
 
 @pytest.fixture(scope="module")
@@ -244,21 +245,21 @@ PREPROCESSING_FIELDS = ("crop_size", "resize_size", "mean", "std", "interpolatio
 @FUZZ
 @given(data=st.data())
 def test_any_damaged_model_json_is_one_run_folder_error(tiny_run, tmp_path_factory, data):
-    run = tmp_path_factory.mktemp("damaged")
-    shutil.copy(tiny_run / RunFolder.MODEL_WEIGHTS, run / RunFolder.MODEL_WEIGHTS)
-    meta = json.loads((tiny_run / RunFolder.MODEL_META).read_text())
-    where = data.draw(st.sampled_from(("meta", "preprocessing")))
-    target = meta if where == "meta" else meta["preprocessing"]
-    field = data.draw(st.sampled_from(META_FIELDS if where == "meta" else PREPROCESSING_FIELDS))
-    if data.draw(st.booleans()):
-        target.pop(field, None)
-    else:
-        target[field] = data.draw(json_values | st.integers(-5, 10**6) | st.sampled_from([0, 0.0, -1.0]))
-    (run / RunFolder.MODEL_META).write_text(json.dumps(meta))
-    try:
-        Classifier.load(run, config=InferenceConfig(backend="torch"))
-    except RunFolderError as error:
-        assert str(run / RunFolder.MODEL_META) in str(error) and "\n" not in str(error)
+    with example_dir(tmp_path_factory, "damaged") as run:
+        shutil.copy(tiny_run / RunFolder.MODEL_WEIGHTS, run / RunFolder.MODEL_WEIGHTS)
+        meta = json.loads((tiny_run / RunFolder.MODEL_META).read_text())
+        where = data.draw(st.sampled_from(("meta", "preprocessing")))
+        target = meta if where == "meta" else meta["preprocessing"]
+        field = data.draw(st.sampled_from(META_FIELDS if where == "meta" else PREPROCESSING_FIELDS))
+        if data.draw(st.booleans()):
+            target.pop(field, None)
+        else:
+            target[field] = data.draw(json_values | st.integers(-5, 10**6) | st.sampled_from([0, 0.0, -1.0]))
+        (run / RunFolder.MODEL_META).write_text(json.dumps(meta))
+        try:
+            Classifier.load(run, config=InferenceConfig(backend="torch"))
+        except RunFolderError as error:
+            assert str(run / RunFolder.MODEL_META) in str(error) and "\n" not in str(error)
 
 
 @pytest.mark.parametrize(
@@ -292,25 +293,27 @@ def test_invalid_run_is_refused_by_predict_and_serve_with_exit_6(
 @FUZZ
 @given(cut=st.integers(0, 400), flips=st.lists(st.integers(0, 7), max_size=3))
 def test_a_damaged_safetensors_file_is_one_run_folder_error(tiny_run, tmp_path_factory, cut, flips):
-    run = tmp_path_factory.mktemp("damaged-weights")
-    shutil.copy(tiny_run / RunFolder.MODEL_META, run / RunFolder.MODEL_META)
-    data = bytearray((tiny_run / RunFolder.MODEL_WEIGHTS).read_bytes())
-    for position in flips:  # the 8-byte header length, then the JSON header
-        data[position * 7] ^= 0x5A
-    (run / RunFolder.MODEL_WEIGHTS).write_bytes(bytes(data[: len(data) - cut * 997]) if cut else bytes(data))
-    try:
-        read_meta(run)
-        Classifier.load(run, config=InferenceConfig(backend="torch"))
-    except RunFolderError as error:
-        assert RunFolder.MODEL_WEIGHTS in str(error)
+    with example_dir(tmp_path_factory, "damaged-weights") as run:
+        shutil.copy(tiny_run / RunFolder.MODEL_META, run / RunFolder.MODEL_META)
+        data = bytearray((tiny_run / RunFolder.MODEL_WEIGHTS).read_bytes())
+        for position in flips:  # the 8-byte header length, then the JSON header
+            data[position * 7] ^= 0x5A
+        (run / RunFolder.MODEL_WEIGHTS).write_bytes(
+            bytes(data[: len(data) - cut * 997]) if cut else bytes(data)
+        )
+        try:
+            read_meta(run)
+            Classifier.load(run, config=InferenceConfig(backend="torch"))
+        except RunFolderError as error:
+            assert RunFolder.MODEL_WEIGHTS in str(error)
 
 
 @pytest.fixture(scope="module")
-def small_weights(tmp_path_factory) -> Path:
+def small_weights(module_tmp) -> Path:
     """A resnet18 state dict as a .pth, to hang cards beside."""
     from resfit.models import build_model
 
-    path = tmp_path_factory.mktemp("weights") / "source.pth"
+    path = module_tmp("weights") / "source.pth"
     torch.save(build_model("resnet18", 10).state_dict(), path)
     return path
 
@@ -358,15 +361,15 @@ manifest_cells = st.text(alphabet=st.characters(codec="utf-8", exclude_categorie
     bom=st.booleans(),
 )
 def test_any_csv_manifest_is_a_dataset_or_one_error(tiny_imagefolder, tmp_path_factory, header, rows, bom):
-    folder = tmp_path_factory.mktemp("manifest")
-    shutil.copytree(tiny_imagefolder / "train" / "red", folder / "red")
-    text = "\n".join(",".join(json.dumps(cell) for cell in row) for row in [header, *rows])
-    (folder / "data.csv").write_bytes(
-        ("\ufeff" if bom else "").encode() + text.encode("utf-8", "surrogatepass")
-    )
-    try:
-        source, _ = load_dataset(folder / "data.csv")
-    except ResfitError as error:
-        assert "\n" not in str(error).strip() or "data.csv" in str(error)
-        return
-    assert source.splits["train"].items and source.splits["val"].items
+    with example_dir(tmp_path_factory, "manifest") as folder:
+        shutil.copytree(tiny_imagefolder / "train" / "red", folder / "red")
+        text = "\n".join(",".join(json.dumps(cell) for cell in row) for row in [header, *rows])
+        (folder / "data.csv").write_bytes(
+            ("\ufeff" if bom else "").encode() + text.encode("utf-8", "surrogatepass")
+        )
+        try:
+            source, _ = load_dataset(folder / "data.csv")
+        except ResfitError as error:
+            assert "\n" not in str(error).strip() or "data.csv" in str(error)
+            return
+        assert source.splits["train"].items and source.splits["val"].items

@@ -52,9 +52,9 @@ def class_label_split(per_class: int, seed: int, corrupt: bool = False):
 
 
 @pytest.fixture(scope="module")
-def saved_dict(tmp_path_factory) -> Path:
+def saved_dict(module_tmp) -> Path:
     """A DatasetDict (train with one corrupt row, validation, test) written by save_to_disk."""
-    root = tmp_path_factory.mktemp("hf") / "beans-like"
+    root = module_tmp("beans") / "beans-like"
     parts = {
         "train": class_label_split(12, 0, corrupt=True),
         "validation": class_label_split(6, 1),
@@ -65,9 +65,9 @@ def saved_dict(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def parquet_folder(tmp_path_factory) -> Path:
+def parquet_folder(module_tmp) -> Path:
     """String labels (no ClassLabel) in data/train-*.parquet and data/test-*.parquet, as the Hub lays them out."""
-    root = tmp_path_factory.mktemp("hf") / "hub-parquet"
+    root = module_tmp("hub") / "hub-parquet"
     for split, per_class, seed in (("train", 12, 3), ("test", 4, 4)):
         images, labels = png_rows(per_class, seed)
         features = datasets.Features({"img": datasets.Image(), "labels": datasets.Value("string")})

@@ -108,9 +108,9 @@ def short_sweep(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def auto_run(tiny_imagefolder, tmp_path_factory):
+def auto_run(tiny_imagefolder, module_tmp):
     """One finished run with --lr auto (its own cache folder: module fixtures precede the autouse one)."""
-    root = tmp_path_factory.mktemp("auto")
+    root = module_tmp("auto")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("RESFIT_CACHE", str(root / "cache"))
         patch.setattr(lr_find, "STEPS", 20)

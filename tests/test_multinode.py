@@ -116,9 +116,9 @@ def _wait_nodes(agents: list[subprocess.Popen], tmp: Path, name: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def single_run(tmp_path_factory) -> tuple[Path, Path]:
+def single_run(module_tmp) -> tuple[Path, Path]:
     """The data, and one uninterrupted single-process run of FLAGS on it: what both tests must match."""
-    tmp = tmp_path_factory.mktemp("multinode")
+    tmp = module_tmp("multinode")
     data = tmp / "data"
     _write_learnable_images(data / "train", per_class=48, size=72, seed=0)
     _write_learnable_images(data / "val", per_class=8, size=72, seed=1)

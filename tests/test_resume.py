@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import kill_after_epoch
+from safetensors import SafetensorError
 
 from resfit.models import build_model
 from resfit.train import TrainConfig, train
@@ -110,3 +111,38 @@ def test_killed_run_resumes_to_the_same_metrics(shared_dir, tmp_path):
     assert metrics["loss"] == pytest.approx(reference.metrics["loss"], abs=1e-6)
     history = (run_dir / "history.csv").read_text().splitlines()
     assert len(history) == 1 + 1 + 3  # header, head stage, three epochs
+
+
+def test_a_disk_that_fills_mid_run_is_one_line_and_resume_finishes_the_run(
+    tiny_imagefolder, tmp_path, capsys
+):
+    """The disk fills as epoch 2's resume state is written: exit 8 with one line saying how to go on, the
+    epoch before is intact, and once there is room `--resume` ends the run as one that never stopped."""
+    from resfit import run_folder
+    from resfit.cli import main
+
+    real_save = run_folder.save_file
+    run_dir = tmp_path / "run"
+    flags = ["--model", "resnet18", "--weights", "none", "--epochs", "3", "--img-size", "32"]
+    flags += ["--batch-size", "8", "--workers", "0", "--seed", "3", "--quiet"]
+
+    def fills_at_epoch_2(tensors, filename, metadata=None):
+        if Path(filename).parent.name == "resume" and ".epoch-2." in Path(filename).name:
+            Path(filename).write_bytes(b"partial")  # what the writer had put down when the disk filled
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real_save(tensors, filename, metadata=metadata)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(run_folder, "save_file", fills_at_epoch_2)
+        assert main(["train", str(tiny_imagefolder), *flags, "--out", str(run_dir)]) == 8
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no space left" in err[0] and f"--resume {run_dir}" in err[0], err
+    assert json.loads((run_dir / "resume" / "state.json").read_text())["epoch"] == 1
+    assert not list((run_dir / "resume").glob(".*.tmp"))
+
+    assert main(["train", "--resume", str(run_dir), "--quiet"]) == 0
+    reference = tmp_path / "whole"
+    assert main(["train", str(tiny_imagefolder), *flags, "--out", str(reference)]) == 0
+    resumed, whole = (json.loads((d / "metrics.json").read_text()) for d in (run_dir, reference))
+    assert resumed["confusion_matrix"] == whole["confusion_matrix"]
+    assert resumed["loss"] == pytest.approx(whole["loss"], abs=1e-6)

@@ -19,10 +19,10 @@ from resfit.run_folder import RunFolder
 
 
 @pytest.fixture(scope="module")
-def full_run(tmp_path_factory) -> Path:
+def full_run(tmp_path_factory, module_tmp) -> Path:
     """A tiny run that writes every kind of file: a test split, --lr auto's range test, --wise-ft's start
     weights, a fine-tuning epoch and so the resume state."""
-    data = tmp_path_factory.mktemp("three-splits")
+    data = module_tmp("three-splits")
     for split, per_class, seed in (("train", 12, 0), ("val", 6, 1), ("test", 6, 2)):
         _write_learnable_images(data / split, per_class=per_class, size=40, seed=seed)
     out = tmp_path_factory.getbasetemp() / "run-folder-full"

@@ -20,7 +20,6 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from test_export import confident_val_images, real_run_cache, train_real_run, train_tiny_run
 
-from resfit.hardware import detect_cpu
 from resfit.inference.classifier import Classifier, InferenceConfig
 from resfit.serve import MB, BackgroundServer, Batcher, ServeConfig, create_app, sniff_format
 
@@ -103,9 +102,9 @@ BAD_UPLOADS = {
 
 
 @pytest.fixture(scope="module")
-def tiny_classifier(tiny_imagefolder, tmp_path_factory) -> Classifier:
+def tiny_classifier(tiny_imagefolder, tmp_path_factory, module_tmp) -> Classifier:
     run = train_tiny_run(tiny_imagefolder, tmp_path_factory.getbasetemp() / "deploy-tiny-run")
-    cache = tmp_path_factory.mktemp("serve-cache")
+    cache = module_tmp("serve-cache")
     return Classifier.load(run, config=InferenceConfig(cache_dir=str(cache)))
 
 
@@ -248,9 +247,9 @@ def test_real_server_answers_oversized_and_concurrent_uploads(tiny_classifier, t
 
 
 @pytest.mark.slow
-def test_real_run_service_predicts_validation_photos(shared_dir, tmp_path_factory):
+def test_real_run_service_predicts_validation_photos(shared_dir, tmp_path_factory, tmp_path):
     run = train_real_run(shared_dir, tmp_path_factory.getbasetemp())
-    classifier = Classifier.load(run, config=InferenceConfig(cache_dir=str(tmp_path_factory.mktemp("cache"))))
+    classifier = Classifier.load(run, config=InferenceConfig(cache_dir=str(tmp_path / "cache")))
     reference = Classifier.load(run, backend="torch", precision="fp32")
     with TestClient(create_app(classifier)) as client:
         for path, true_class in confident_val_images(reference, shared_dir, per_class=2):
@@ -265,7 +264,8 @@ def test_real_run_service_predicts_validation_photos(shared_dir, tmp_path_factor
 
 @pytest.mark.slow
 def test_resfit_serve_command_serves_a_real_run(shared_dir, tmp_path_factory, tmp_path):
-    """`resfit serve RUN_DIR` as a user starts it: ready on loopback, right class, clean exit on Ctrl-C."""
+    """`resfit serve RUN_DIR` as a user starts it: ready on loopback, right class, clean exit on Ctrl-C (also
+    while int8 is still being quantized in the background, on a CPU without native bf16)."""
     run = train_real_run(shared_dir, tmp_path_factory.getbasetemp())
     reference = Classifier.load(run, backend="torch", precision="fp32")
     (photo, true_class), *_ = confident_val_images(reference, shared_dir)
@@ -282,8 +282,8 @@ def test_resfit_serve_command_serves_a_real_run(shared_dir, tmp_path_factory, tm
         )
     try:
         url = f"http://127.0.0.1:{port}"
-        # run alone, without native bf16, a first start quantizes to int8 first (about 3 min on 2 cores)
-        deadline = time.monotonic() + (180 if detect_cpu().native_bf16 else 600)
+        # without native bf16 a first start quantizes to int8 in the background (minutes): it does not wait
+        deadline = time.monotonic() + 180
         while True:
             assert server.poll() is None, log.read_text()
             try:

@@ -29,16 +29,16 @@ pytest.importorskip("webdataset")
 
 
 @pytest.fixture(scope="module")
-def data_with_corrupt_file(tiny_imagefolder, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("shard-src") / "data"
+def data_with_corrupt_file(tiny_imagefolder, module_tmp) -> Path:
+    root = module_tmp("shard-src") / "data"
     shutil.copytree(tiny_imagefolder, root)
     (root / "train" / "red" / "broken.png").write_bytes(b"not a png at all")
     return root
 
 
 @pytest.fixture(scope="module")
-def shard_dir(data_with_corrupt_file, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("shards") / "shards"
+def shard_dir(data_with_corrupt_file, module_tmp) -> Path:
+    out = module_tmp("shards") / "shards"
     write_shards(data_with_corrupt_file, out, shard_samples=5)
     return out
 

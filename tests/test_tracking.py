@@ -30,9 +30,9 @@ def tiny_train_args(data: Path, out: Path, *extra: str, epochs: int = EPOCHS) ->
 
 
 @pytest.fixture(scope="module")
-def tracked_run(tiny_imagefolder, tmp_path_factory) -> Path:
+def tracked_run(tiny_imagefolder, module_tmp) -> Path:
     """One tiny CLI training (head stage + 2 epochs) logged to both trackers with their defaults."""
-    out = tmp_path_factory.mktemp("tracked") / "run"
+    out = module_tmp("tracked") / "run"
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)
         patch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)

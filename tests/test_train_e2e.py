@@ -23,8 +23,8 @@ MAJORITY_BASELINE = 83 / 153
 
 
 @pytest.fixture(scope="module")
-def pretrained_run(shared_dir, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("e2e") / "run"
+def pretrained_run(shared_dir, module_tmp):
+    run_dir = module_tmp("e2e") / "run"
     cmd = [
         sys.executable,
         "-m",

@@ -16,9 +16,9 @@ from resfit.train.loop import cosine_with_warmup
 
 
 @pytest.fixture(scope="module")
-def unordered_classes(tmp_path_factory):
+def unordered_classes(module_tmp):
     """Three classes whose creation order differs from their sorted order, each a distinct colour."""
-    root = tmp_path_factory.mktemp("colours")
+    root = module_tmp("colours")
     rng = np.random.default_rng(0)
     colours = {"zebra": (200, 30, 30), "Apple": (30, 200, 30), "mango": (30, 30, 200)}
     for split, count in (("train", 10), ("val", 5)):

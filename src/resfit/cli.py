@@ -177,11 +177,11 @@ def _say_stderr(message: str) -> None:
 PREDICT_INT8_MIN_IMAGES = 32
 
 
-def _load_classifier(args, int8_when_safe: bool = False):
+def _load_classifier(args, int8_when_safe: bool = False, int8_later: bool = False):
     """The Classifier the flags ask for; which backend it runs on (and why) goes to stderr."""
     from .inference.classifier import Classifier, InferenceConfig
 
-    config = from_args(InferenceConfig, args, int8_when_safe=int8_when_safe)
+    config = from_args(InferenceConfig, args, int8_when_safe=int8_when_safe, int8_later=int8_later)
     classifier = Classifier.load(args.run_dir, config=config, say=_say_stderr)
     _say_stderr(classifier.describe())
     return classifier
@@ -205,7 +205,8 @@ def _run_serve(args) -> int:
     if not 1 <= args.port <= 65535:
         raise ConfigError(f"--port must be between 1 and 65535, got {args.port}")
     config = from_args(ServeConfig, args)
-    classifier = _load_classifier(args, int8_when_safe=True)
+    # serve answers from its first second: a first int8 quantization (minutes) runs in the background
+    classifier = _load_classifier(args, int8_when_safe=True, int8_later=True)
     print(f"resfit: serving on http://{args.host}:{args.port}/ (API docs at /docs)", file=sys.stderr)
     run_server(classifier, args.host, args.port, config)
     return 0

@@ -48,3 +48,17 @@ class ExportError(ResfitError):
     """The model could not be exported, or the exported model disagrees with PyTorch."""
 
     exit_code = 7
+
+
+class StorageError(ResfitError):
+    """A file could not be written because its disk is full (or over quota); what was written before is intact."""
+
+    exit_code = 8
+
+    def __init__(self, path: str, free: str, then: str = "run the command again"):
+        super().__init__(
+            f"{path}: no space left on its disk ({free} free); it was not written, and what was written "
+            f"before it is intact: free some space, then {then}"
+        )
+        self.path = path
+        self.free = free

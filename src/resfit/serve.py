@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -267,11 +268,16 @@ def create_app(classifier: Classifier, config: ServeConfig | None = None) -> Fas
     """The service for one Classifier; everything it needs lives on the app (no module state)."""
     config = config or ServeConfig()
     decoder = ThreadPoolExecutor(max_workers=config.decode_threads, thread_name_prefix="resfit-decode")
-    batcher = Batcher(classifier.backend, config.max_batch)  # logits, and features for a knn rule
+    # logits, and features for a knn rule; the engine is looked up per batch: int8 may replace it
+    batcher = Batcher(lambda batch: classifier.backend(batch), config.max_batch)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
         batcher.start()
+        if classifier.int8_pending:  # answer now on fp32; int8 joins once quantized and checked
+            threading.Thread(
+                target=_int8_in_background, args=(classifier,), name="resfit-int8", daemon=True
+            ).start()
         yield
         await batcher.stop()
         decoder.shutdown(wait=True)
@@ -456,6 +462,18 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def http_error(_request: Request, error: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
         return _error(error.status_code, code, str(error.detail))
+
+
+def _int8_in_background(classifier: Classifier) -> None:
+    """serve's int8 step, off the request path: whatever goes wrong, the service stays on the engine it has."""
+
+    def say(line: str) -> None:
+        print(f"resfit: {line}", file=sys.stderr, flush=True)
+
+    try:
+        classifier.reach_int8_verdict(say)
+    except Exception as error:  # a bug here must not take the service down with it
+        say(f"staying on {classifier.choice.name} ({classifier.choice.precision}): int8 failed: {error}")
 
 
 def run_server(

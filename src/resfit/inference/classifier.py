@@ -39,7 +39,7 @@ from .engines import (
     time_engines,
     write_measurement,
 )
-from .export_cache import LoadedRun, cached_export, cached_int8_export
+from .export_cache import LoadedRun, cached_export, cached_int8_export, int8_verdict_is_reached
 
 PREDICT_BATCH_SIZE = 16
 INFERENCE_PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")  # fp16: CUDA only
@@ -127,6 +127,9 @@ class InferenceConfig:
     # auto on a CPU without native bf16 may also time gated int8 (OpenVINO) and keep it if fastest: worth its
     # one-time quantization for serve and batch predict (the CLI sets it there); the default stays fp32-exact
     int8_when_safe: bool = False
+    # with int8_when_safe, and no int8 verdict cached yet: load on the fastest fp32 engine at once and leave
+    # int8 (minutes to quantize and check) to reach_int8_verdict, which serve runs in the background
+    int8_later: bool = False
 
 
 class Classifier:
@@ -162,6 +165,7 @@ class Classifier:
         self.model = model.to(runtime.device, memory_format=torch.channels_last).eval()
         self.backend = backend or TorchBackend(self.model, runtime.precision, runtime.device)
         self.choice = choice or BackendChoice("torch", runtime.precision, runtime.reason)
+        self._int8_later: tuple[_Engines, BackendChoice] | None = None  # see InferenceConfig.int8_later
 
     @classmethod
     def load(
@@ -196,35 +200,18 @@ class Classifier:
         model, meta = run.model, run.meta
         cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
 
-        int8_ir, int8_note = None, ""
+        engines = _Engines(run, runtime, cache_dir, choice.performance_hint, say)
+        int8_note, int8_later = "", False
         if config.int8_when_safe and config.backend == "auto" and config.precision == "auto":
-            if runtime.device == "cpu" and choice.precision == "fp32":
-                int8_ir, int8_note = _gated_int8(run, cache_dir, say)
-
-        def engine(name: str, engine_precision: str):
-            if name == INT8_ENGINE:
-                return OpenVinoBackend(int8_ir, runtime.threads, "int8", choice.performance_hint)
-            if name == "onnxruntime":
-                return OnnxRuntimeBackend(cached_export(run, "onnx", cache_dir, say), runtime.threads)
-            if name == "openvino":
-                ir = cached_export(run, "openvino", cache_dir, say)
-                return OpenVinoBackend(ir, runtime.threads, engine_precision, choice.performance_hint)
-            return TorchBackend(model, engine_precision, runtime.device)
+            if runtime.device == "cpu" and choice.precision == "fp32" and is_available("openvino"):
+                if config.int8_later and not int8_verdict_is_reached(run, cache_dir):
+                    int8_later = True
+                    int8_note = "int8 is being quantized and checked in the background (once; minutes)"
+                else:
+                    engines.int8_ir, int8_note = _gated_int8(run, cache_dir, say)
 
         if config.backend == "auto" and runtime.device == "cpu" and choice.precision != "int8":
-            name, measured, built = _fastest_engine(
-                engine, choice.precision, run, runtime, cache_dir, say, int8_ir
-            )
-            backend_engine = built or engine(name, choice.precision)
-            precision_reason = choice.reason.partition("; ")[2]  # what follows the rule's own "why"
-            if name == INT8_ENGINE:
-                name, choice = "openvino", replace(choice, precision="int8")
-                precision_reason = (
-                    "int8 because bf16 would be emulated on this CPU and int8 passed its gate "
-                    "(--precision fp32 for exact fp32 results)"
-                )
-            reason = "; ".join(filter(None, [measured, precision_reason, int8_note]))
-            choice = replace(choice, name=name, reason=reason)
+            backend_engine, choice = _fastest_choice(engines, choice, int8_note)
         elif choice.name == "openvino" and choice.precision == "int8":
             try:
                 ir, summary = cached_int8_export(run, cache_dir, say)
@@ -233,8 +220,41 @@ class Classifier:
             backend_engine = OpenVinoBackend(ir, runtime.threads, "int8", choice.performance_hint)
             choice = replace(choice, reason=f"{choice.reason}; {summary}")
         else:
-            backend_engine = engine(choice.name, choice.precision)
-        return cls(model, meta, runtime, backend_engine, choice, run_dir, config.reject)
+            backend_engine = engines(choice.name, choice.precision)
+        classifier = cls(model, meta, runtime, backend_engine, choice, run_dir, config.reject)
+        classifier._int8_later = (engines, choice) if int8_later else None
+        return classifier
+
+    @property
+    def int8_pending(self) -> bool:
+        """int8 was left for later (``InferenceConfig.int8_later``): ``reach_int8_verdict`` reaches it."""
+        return self._int8_later is not None
+
+    def reach_int8_verdict(self, say: Callable[[str], None] | None = None) -> bool:
+        """Quantize and check int8 now (minutes, once per model), time it against the engines measured at
+        load, and switch to it if it passed its gate and is the fastest; True if it switched.
+
+        Safe while other threads predict: a batch runs wholly on the engine it started on, and the switch
+        is one assignment. ``serve`` calls this in the background, so it answers from its first second.
+        """
+        if not self.int8_pending:
+            return False
+        engines, fp32_choice = self._int8_later
+        self._int8_later = None
+        engines.int8_ir, int8_note = _gated_int8(engines.run, engines.cache_dir, say)
+        if engines.int8_ir is None:
+            if say is not None:
+                say(f"staying on {self.choice.name} ({self.choice.precision}): {int8_note}")
+            return False
+        backend_engine, choice = _fastest_choice(engines, fp32_choice, int8_note)
+        if choice.precision != "int8":
+            if say is not None:
+                say(f"staying on {self.choice.name} ({self.choice.precision}): {choice.reason}")
+            return False
+        self.backend, self.choice = backend_engine, choice
+        if say is not None:
+            say(f"switched to int8: {self.describe()}")
+        return True
 
     def describe(self) -> str:
         """One line: the backend, its precision and why, test-time augmentation, the "unknown" rule, and the
@@ -337,6 +357,53 @@ class Classifier:
                 decoded = 0
         if pending:
             yield from flush()
+
+
+@dataclass
+class _Engines:
+    """Builds the engine ``auto`` names for one loaded run (``int8_ir``: the gated int8 IR, once reached)."""
+
+    run: LoadedRun
+    runtime: Runtime
+    cache_dir: Path
+    performance_hint: str
+    say: Callable[[str], None] | None
+    int8_ir: Path | None = None
+
+    def __call__(self, name: str, precision: str):
+        threads = self.runtime.threads
+        if name == INT8_ENGINE:
+            return OpenVinoBackend(self.int8_ir, threads, "int8", self.performance_hint)
+        if name == "onnxruntime":
+            return OnnxRuntimeBackend(cached_export(self.run, "onnx", self.cache_dir, self.say), threads)
+        if name == "openvino":
+            ir = cached_export(self.run, "openvino", self.cache_dir, self.say)
+            return OpenVinoBackend(ir, threads, precision, self.performance_hint)
+        return TorchBackend(self.run.model, precision, self.runtime.device)
+
+
+def _fastest_choice(engines: _Engines, choice: BackendChoice, int8_note: str) -> tuple[object, BackendChoice]:
+    """(engine, choice): the fastest engine ``auto`` measured for ``choice.precision`` (and the gated int8 IR,
+    where there is one), with why in the choice's reason."""
+    name, measured, built = _fastest_engine(
+        engines,
+        choice.precision,
+        engines.run,
+        engines.runtime,
+        engines.cache_dir,
+        engines.say,
+        engines.int8_ir,
+    )
+    backend_engine = built or engines(name, choice.precision)
+    precision_reason = choice.reason.partition("; ")[2]  # what follows the rule's own "why"
+    if name == INT8_ENGINE:
+        name, choice = "openvino", replace(choice, precision="int8")
+        precision_reason = (
+            "int8 because bf16 would be emulated on this CPU and int8 passed its gate "
+            "(--precision fp32 for exact fp32 results)"
+        )
+    reason = "; ".join(filter(None, [measured, precision_reason, int8_note]))
+    return backend_engine, replace(choice, name=name, reason=reason)
 
 
 def _gated_int8(run: LoadedRun, cache_dir: Path, say) -> tuple[Path | None, str]:

@@ -6,7 +6,6 @@ A ``LoadedRun`` is read once per process (model, metadata, weights digest) and e
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import functools
 import hashlib
@@ -194,14 +193,12 @@ def cached_int8_export(
     (None: NNCF's own choice, every validation image; benchmarks/int8_first_load.py compares them).
     """
     fp32_ir = cached_export(run, "openvino", cache_dir, say)
-    path, verdict_path = fp32_ir.with_name("model-int8.xml"), fp32_ir.with_name("model-int8.json")
-    verdict = _read_verdict(verdict_path)
+    path, verdict_path = _int8_paths(fp32_ir)
+    verdict = _reached_verdict(fp32_ir)
     if verdict is not None:
-        if verdict.get("gate") == int8_gate():
-            if not verdict["kept"]:
-                raise ExportError(verdict["summary"])
-            if path.is_file():
-                return path, verdict["summary"]
+        if not verdict["kept"]:
+            raise ExportError(verdict["summary"])
+        return path, verdict["summary"]
     if importlib.util.find_spec("nncf") is None:
         raise ExportError("int8 needs NNCF: pip install nncf")
     model, meta = run.model, run.meta
@@ -271,6 +268,26 @@ def cached_int8_export(
     return path, summary
 
 
+def int8_verdict_is_reached(run: LoadedRun, cache_dir: Path) -> bool:
+    """Whether this model's int8 verdict (kept or refused, under today's gate) is cached, so that
+    ``cached_int8_export`` answers at once instead of quantizing for minutes."""
+    return _reached_verdict(cached_export(run, "openvino", cache_dir)) is not None
+
+
+def _int8_paths(fp32_ir: Path) -> tuple[Path, Path]:
+    """(int8 IR, its verdict) beside the fp32 IR they come from."""
+    return fp32_ir.with_name("model-int8.xml"), fp32_ir.with_name("model-int8.json")
+
+
+def _reached_verdict(fp32_ir: Path) -> dict | None:
+    """The cached verdict if it was reached under today's gate (and a kept IR is still there), else None."""
+    path, verdict_path = _int8_paths(fp32_ir)
+    verdict = _read_verdict(verdict_path)
+    if verdict is None or verdict.get("gate") != int8_gate():
+        return None
+    return verdict if not verdict["kept"] or path.is_file() else None
+
+
 def _read_verdict(path: Path) -> dict | None:
     """The cached int8 verdict, or None when there is none or it cannot be read (then it is reached again)."""
     try:
@@ -293,20 +310,41 @@ def _quantize(
 ) -> None:
     """NNCF post-training quantization of the fp32 IR to ``out`` (see ``_quantize_here``), in a process of
     its own: NNCF makes many short-lived OpenVINO cores, and cores freed out of order break this process's
-    signal handling (why, in ``engines.openvino_core``); in a child they never touch ours."""
-    arrays = out.with_name("int8-inputs.npz")
+    signal handling (why, in ``engines.openvino_core``); in a child they never touch ours.
+
+    The child is a daemon: when the parent exits mid-quantization (Ctrl-C in ``serve``, which quantizes in
+    the background) it is stopped, not waited for, and no verdict is written, so the next start begins again.
+    """
+    arrays, failure = out.with_name("int8-inputs.npz"), out.with_name("int8-failure.txt")
     np.savez(arrays, calibration=calibration, check=check, expected=expected)
     quantize = functools.partial(
         _quantize_here, str(fp32_ir), str(arrays), str(out), classes, ranking_images, 1.0 - INT8_MIN_AGREEMENT
     )
     spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: no fork of our threads or cores
+    process = spawn.Process(target=_report_failure, args=(quantize, str(failure)), daemon=True)
     try:
-        with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
-            pool.submit(quantize).result()
-    except concurrent.futures.process.BrokenProcessPool:
-        raise ExportError("int8 quantization's process ended without a result (out of memory?)") from None
+        process.start()
+        process.join()
+        if process.exitcode < 0:  # a signal: this process exiting (daemon), or the OOM killer
+            raise ExportError(
+                f"int8 quantization was stopped before it finished (signal {-process.exitcode}); no verdict "
+                "was kept, so the next load quantizes again"
+            )
+        if process.exitcode != 0:
+            why = failure.read_text() if failure.is_file() else f"exit code {process.exitcode}"
+            raise ExportError(f"int8 quantization failed: {' '.join(why.split())}")
     finally:
         arrays.unlink(missing_ok=True)
+        failure.unlink(missing_ok=True)
+
+
+def _report_failure(work: Callable[[], None], failure: str) -> None:
+    """Run ``work`` in the quantizing child; an exception's one-line text goes to ``failure`` for the parent."""
+    try:
+        work()
+    except BaseException as error:
+        Path(failure).write_text(f"{type(error).__name__}: {error}")
+        raise SystemExit(1) from None
 
 
 def _quantize_here(

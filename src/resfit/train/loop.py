@@ -41,7 +41,7 @@ from ..distributed import (
     shutdown,
     sum_across,
 )
-from ..errors import ConfigError, RunFolderError
+from ..errors import ConfigError, RunFolderError, StorageError
 from ..hardware import apply_device, pin_memory, resolve_runtime
 from ..metrics import format_metrics_table
 from ..models import (
@@ -498,9 +498,19 @@ class Trainer:
     def run(self) -> RunResult | None:
         try:
             return self._run()
+        except StorageError as error:
+            self.tracking.close("FAILED")
+            raise StorageError(error.path, error.free, then=self._after_disk_full()) from error
         except BaseException as error:
             self.tracking.close("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
             raise
+
+    def _after_disk_full(self) -> str:
+        """What a user does once space is freed: resume from the last epoch saved, or start again."""
+        folder = RunFolder(self.run_dir)
+        if folder.state_file.is_file():
+            return f"`resfit train --resume {self.run_dir}` continues from the last completed epoch"
+        return f"remove {self.run_dir} (no epoch was saved yet) and train again"
 
     def _run(self) -> RunResult | None:
         require_tracker_packages(self.config.log)  # on every process, before anything starts
