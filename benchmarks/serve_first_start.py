@@ -61,6 +61,13 @@ def children_of(pid: int) -> list[int]:
     return found
 
 
+def _name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[-80:]
+    except OSError:
+        return f"{pid} (gone)"
+
+
 def one_start(run: Path, photo: Path, wait_int8: float, stop_early: bool) -> dict:
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="serve-first-start-") as cache:
@@ -118,8 +125,9 @@ def one_start(run: Path, photo: Path, wait_int8: float, stop_early: bool) -> dic
                 server.kill()
                 row["exit_code"] = "killed after 120 s"
             row["ctrl_c_s"] = round(time.perf_counter() - stopping, 2)
-        time.sleep(1)
-        row["children_left"] = sum(Path(f"/proc/{pid}").exists() for pid in children)
+        time.sleep(5)  # multiprocessing's resource tracker ends once it sees the server's pipe close
+        row["children"] = [_name(pid) for pid in children]
+        row["children_left_5s_after"] = [_name(pid) for pid in children if Path(f"/proc/{pid}").exists()]
         row["stderr_tail"] = log.read_text().splitlines()[-6:]
     return row
 
