@@ -7,7 +7,7 @@ RESFIT_CACHE), and records: seconds until /health answers, the first /predict (o
 photos) and its answer, the backend line; then, where bf16 is emulated, seconds until the background int8
 step says what it decided ("switched to int8" or "staying on ..."), or that --wait-int8 ran out; last, the
 exit code and seconds of a Ctrl-C (SIGINT) and whether any quantizing child process outlived it. With
---stop-early the Ctrl-C comes right after the first answer instead, while int8 is still being quantized.
+--stop-early S the Ctrl-C comes S seconds after the first answer instead, while int8 is still being quantized.
 Run it where nothing else runs; under the AVX2 stand-in set ONEDNN_MAX_CPU_ISA=AVX2
 ATEN_CPU_CAPABILITY=avx2 (the serve processes inherit it). The JSON (machine, commit, command) goes to
 benchmarks/results/.
@@ -68,7 +68,7 @@ def _name(pid: int) -> str:
         return f"{pid} (gone)"
 
 
-def one_start(run: Path, photo: Path, wait_int8: float, stop_early: bool) -> dict:
+def one_start(run: Path, photo: Path, wait_int8: float, stop_early: float | None) -> dict:
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="serve-first-start-") as cache:
         log = Path(cache) / "serve.log"
@@ -102,7 +102,9 @@ def one_start(run: Path, photo: Path, wait_int8: float, stop_early: bool) -> dic
             lines = log.read_text().splitlines()
             row["backend_line"] = next((line for line in lines if line.startswith("resfit: backend ")), None)
             row["int8_in_background"] = "in the background" in (row["backend_line"] or "")
-            if row["int8_in_background"] and not stop_early:
+            if stop_early is not None:
+                time.sleep(stop_early)
+            elif row["int8_in_background"]:
                 deadline = started + wait_int8
                 while time.perf_counter() < deadline:
                     decided = [line for line in log.read_text().splitlines() if line.startswith(DECIDED)]
@@ -137,7 +139,9 @@ def main() -> None:
     parser.add_argument("run", help="a trained resfit run folder whose data is on this machine")
     parser.add_argument("--starts", type=int, default=2, help="first starts, each from an empty cache")
     parser.add_argument("--wait-int8", type=float, default=900, help="seconds to wait for int8's decision")
-    parser.add_argument("--stop-early", action="store_true", help="Ctrl-C right after the first answer")
+    parser.add_argument(
+        "--stop-early", type=float, metavar="S", help="Ctrl-C S seconds after the first answer"
+    )
     args = parser.parse_args()
     run = Path(args.run).resolve()
     photo = a_validation_photo(run)
