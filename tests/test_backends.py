@@ -416,3 +416,26 @@ def test_serve_answers_at_once_and_switches_to_int8_when_its_background_verdict_
         assert after.json()["predicted"] == before.json()["predicted"] == "red"
     again = Classifier.load(tiny_run, config=config)  # the verdict is cached now: no waiting, no thread
     assert not again.int8_pending and (again.choice.name, again.choice.precision) == ("openvino", "int8")
+
+
+def test_int8_that_passes_but_is_slower_leaves_serve_on_fp32_saying_why(tiny_run, tmp_path, monkeypatch):
+    import resfit.inference.classifier as classifier_module
+
+    _as_cpu(monkeypatch, EPYC_AVX2)
+    timed = classifier_module.time_engines
+
+    def int8_slowest(engines, batch):
+        figures = timed(engines, batch)
+        return {**figures, "openvino-int8": 1e-3} if "openvino-int8" in figures else figures
+
+    monkeypatch.setattr(classifier_module, "time_engines", int8_slowest)
+    config = InferenceConfig(cache_dir=str(tmp_path), int8_when_safe=True, int8_later=True)
+    classifier = Classifier.load(tiny_run, config=config)
+    before = classifier.choice
+    said = []
+    assert classifier.reach_int8_verdict(said.append) is False and not classifier.int8_pending
+    assert classifier.choice == before and classifier.choice.precision == "fp32"
+    line = said[-1]
+    assert line.startswith(f"staying on {before.name} (fp32)") and "openvino-int8" in line, said
+    assert "in the background" not in line, line  # measured afresh from the rule, not from the first line
+    assert classifier.reach_int8_verdict(said.append) is False  # once only

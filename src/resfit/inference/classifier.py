@@ -210,6 +210,7 @@ class Classifier:
                 else:
                     engines.int8_ir, int8_note = _gated_int8(run, cache_dir, say)
 
+        rule_choice = choice  # the rule's, before any measurement: reach_int8_verdict measures from it again
         if config.backend == "auto" and runtime.device == "cpu" and choice.precision != "int8":
             backend_engine, choice = _fastest_choice(engines, choice, int8_note)
         elif choice.name == "openvino" and choice.precision == "int8":
@@ -222,7 +223,7 @@ class Classifier:
         else:
             backend_engine = engines(choice.name, choice.precision)
         classifier = cls(model, meta, runtime, backend_engine, choice, run_dir, config.reject)
-        classifier._int8_later = (engines, choice) if int8_later else None
+        classifier._int8_later = (engines, rule_choice) if int8_later else None
         return classifier
 
     @property
@@ -239,14 +240,14 @@ class Classifier:
         """
         if not self.int8_pending:
             return False
-        engines, fp32_choice = self._int8_later
+        engines, rule_choice = self._int8_later
         self._int8_later = None
         engines.int8_ir, int8_note = _gated_int8(engines.run, engines.cache_dir, say)
         if engines.int8_ir is None:
             if say is not None:
                 say(f"staying on {self.choice.name} ({self.choice.precision}): {int8_note}")
             return False
-        backend_engine, choice = _fastest_choice(engines, fp32_choice, int8_note)
+        backend_engine, choice = _fastest_choice(engines, rule_choice, int8_note)
         if choice.precision != "int8":
             if say is not None:
                 say(f"staying on {self.choice.name} ({self.choice.precision}): {choice.reason}")
