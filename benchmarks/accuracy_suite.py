@@ -552,6 +552,19 @@ def run_resfit(fold: Fold, settings: Settings, overrides: dict, name: str) -> di
         "before": calibration_scores(raw_probs, labels),
         "after": calibration_scores(probs, labels),
     }
+    # The uncalibrated log-probabilities of the inner val (what the temperature is fitted on) and of test,
+    # so that calibration rules can be compared on held-out photos without training again
+    # (benchmarks/calibration_rules.py).
+    _, raw_val_probs = evaluate_split(
+        raw_model, fold.source, "val", Preprocessing.from_dict(meta["preprocessing"]), runtime
+    )
+    held_out_logprobs = {
+        split: {
+            "labels": np.asarray(fold.source.splits[split].labels).tolist(),
+            "logprobs": np.round(np.log(np.clip(split_probs, 1e-12, 1.0)), 5).tolist(),
+        }
+        for split, split_probs in (("val", raw_val_probs), ("test", raw_probs))
+    }
     if abs(correct.mean() - test_metrics["accuracy"]) > 1e-4 or len(correct) != test_metrics["num_images"]:
         raise RuntimeError(
             f"{run_dir}: re-evaluated test accuracy {correct.mean()} != metrics_test.json {test_metrics['accuracy']}"
@@ -581,6 +594,7 @@ def run_resfit(fold: Fold, settings: Settings, overrides: dict, name: str) -> di
         },
         "correct": correct.tolist(),
         "test_calibration": test_calibration,
+        "held_out_logprobs": held_out_logprobs,
     }
 
 
@@ -918,6 +932,7 @@ def run_suite(args: argparse.Namespace) -> None:
                 "folds": folds,
                 "fold_limit": args.fold_limit,
                 "repeats": repeats,
+                "first_repeat": args.first_repeat,
                 "datasets": datasets,
                 "flowers_per_class": per_class,
                 "recipes": {name: vars(RECIPES[name]) for name in recipes},
@@ -934,7 +949,7 @@ def run_suite(args: argparse.Namespace) -> None:
     done = {(r["dataset"], r["repeat"], r["fold"], r["recipe"]) for r in payload["rows"] if "test_acc" in r}
     print(f"writing {out}", flush=True)
     with tempfile.TemporaryDirectory(prefix="resfit-accuracy-") as tmp:
-        for repeat in range(repeats):
+        for repeat in range(args.first_repeat, args.first_repeat + repeats):
             for dataset in datasets:
                 photos = dataset_photos(dataset, per_class)
                 labels = [label for _, label in photos]
@@ -1051,7 +1066,13 @@ def main() -> None:
     parser.add_argument("--recipes", help=f"comma-separated, default all ({', '.join(RECIPES)})")
     parser.add_argument("--folds", type=int, help="k of the stratified k-fold (default: the budget's)")
     parser.add_argument(
-        "--repeats", type=int, help="repeats of the k folds, seeds 0..r-1 (default: the budget's)"
+        "--repeats", type=int, help="repeats of the k folds, seeds first..first+r-1 (default: the budget's)"
+    )
+    parser.add_argument(
+        "--first-repeat",
+        type=int,
+        default=0,
+        help="seed of the first repeat (e.g. fresh seeds to confirm what earlier repeats chose)",
     )
     parser.add_argument(
         "--epochs", type=int, help="fine-tuning epochs for resfit and timm (default: the budget's)"
