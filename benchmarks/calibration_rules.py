@@ -159,6 +159,14 @@ def ece_if_calibrated(probs: np.ndarray, draws: int = 200, seed: int = 0) -> flo
     return float(np.mean(found))
 
 
+def _sign_test(change: np.ndarray) -> float | None:
+    """Two-sided sign test of the runs a rule changed: lowered against raised (None if it changed none)."""
+    from scipy.stats import binomtest
+
+    lower, higher = int((change < -1e-12).sum()), int((change > 1e-12).sum())
+    return float(binomtest(lower, lower + higher).pvalue) if lower + higher else None
+
+
 def pooled_by_repeat(runs: list[dict], scored: list[dict]) -> dict:
     """Per repeat, every photo of the data set once (each scored by its own fold's run): NLL and ECE of the
     pooled out-of-fold predictions, a steadier ECE than one 133-photo fold's."""
@@ -206,6 +214,7 @@ def summarize(runs: list[dict], rules: list[str]) -> dict:
                     "change_plain_t": t_interval(change),
                     "lower": int((change < -1e-12).sum()),
                     "higher": int((change > 1e-12).sum()),
+                    "sign_test_p": _sign_test(change),
                 }
                 pooled_change = np.array([p["after"][score] - p["before"][score] for p in pooled.values()])
                 result[f"pooled_{score}"] = {
@@ -224,8 +233,8 @@ def summarize(runs: list[dict], rules: list[str]) -> dict:
 def table(summary: dict, rules: list[str]) -> str:
     lines = [
         "| data (fold runs, val photos) | rule | T kept (runs), median T | test NLL before -> after | "
-        "NLL change (95% CI: corrected, plain) | lower / higher | test ECE before -> after | ECE change (95% CI: "
-        "corrected, plain) | lower / higher "
+        "NLL change (95% CI: corrected, plain) | runs lower / higher | test ECE before -> after | ECE change (95% CI: "
+        "corrected, plain) | runs lower / higher "
         "| pooled per repeat: NLL, ECE before -> after (repeats lower / higher) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -234,6 +243,9 @@ def table(summary: dict, rules: list[str]) -> str:
         if change["low"] is None:
             return f"{change['mean']:+.4f}"
         return f"{change['mean']:+.4f} [{change['low']:+.4f}, {change['high']:+.4f}]"
+
+    def sign(score: dict) -> str:
+        return "" if score["sign_test_p"] is None else f" (sign test p {score['sign_test_p']:.2g})"
 
     def pooled(score: dict) -> str:
         return (
@@ -251,9 +263,9 @@ def table(summary: dict, rules: list[str]) -> str:
                 f"| {dataset} ({entry['fold_runs']}, {entry['val_photos']}) | {name} | {kept}, {median:.2f} "
                 f"| {nll['before_mean']:.4f} -> {nll['after_mean']:.4f} | {interval(nll['change'])}, "
                 f"plain t {interval(nll['change_plain_t'])} "
-                f"| {nll['lower']} / {nll['higher']} | {ece['before_mean']:.4f} -> {ece['after_mean']:.4f} "
+                f"| {nll['lower']} / {nll['higher']}{sign(nll)} | {ece['before_mean']:.4f} -> {ece['after_mean']:.4f} "
                 f"| {interval(ece['change'])}, plain t {interval(ece['change_plain_t'])} "
-                f"| {ece['lower']} / {ece['higher']} "
+                f"| {ece['lower']} / {ece['higher']}{sign(ece)} "
                 f"| {pooled(result['pooled_nll'])}; {pooled(result['pooled_ece'])} |"
             )
     return "\n".join(lines)
