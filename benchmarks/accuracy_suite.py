@@ -120,6 +120,14 @@ RECIPES = {
         "the default with layer1 trained too (only the stem left as the source's)",
     ),
     "resfit-all-blocks": Recipe("resfit", {"frozen_blocks": 0}, "the default with every block trained"),
+    "resfit-sgd": Recipe(
+        "resfit",
+        {"optimizer": "sgd", "weight_decay": 1e-4},
+        "SGD + Nesterov momentum (lr 1e-2, weight decay 1e-4 as SGD takes it) instead of AdamW in fine-tuning",
+    ),
+    "resfit-ld0.25": Recipe(
+        "resfit", {"layer_decay": 0.25}, "the default with the backbone's lr falling 4x (not 2x) per block"
+    ),
     "resfit-frozen3": Recipe(
         "resfit",
         {"frozen_blocks": 3},
@@ -267,6 +275,9 @@ def summarize(rows: list[dict]) -> dict:
             calibration = _test_calibration(ordered)
             if calibration:
                 entry["recipes"][name]["test_calibration"] = calibration
+            dip = _fine_tuning_dip(ordered)
+            if dip:
+                entry["recipes"][name]["fine_tuning_dip"] = dip
         pairs = [(REFERENCE, other) for other in recipes if other != REFERENCE] + EXTRA_PAIRS
         for a, b in pairs:
             if a not in by_recipe or b not in by_recipe:
@@ -297,6 +308,28 @@ def summarize(rows: list[dict]) -> dict:
             entry["pairs"].append(pair)
         summary[dataset] = entry
     return summary
+
+
+def _fine_tuning_dip(runs: list[dict]) -> dict | None:
+    """Issue #12's third target: how far the fine-tuning epochs' inner-val accuracy falls below the probe
+    they started from (the last head-stage epoch), in points: the worst epoch and the first, per run."""
+    dips, first = [], []
+    for run in runs:
+        history = run.get("history") or []
+        head = [row["val_acc"] for row in history if row["stage"] == "head"]
+        tuned = [row["val_acc"] for row in history if row["stage"] == "finetune"]
+        if head and tuned:
+            dips.append((head[-1] - min(tuned)) * 100)
+            first.append((head[-1] - tuned[0]) * 100)
+    if not dips:
+        return None
+    return {
+        "fold_runs": len(dips),
+        "worst_epoch_mean": float(np.mean(dips)),
+        "worst_epoch_max": float(np.max(dips)),
+        "first_epoch_mean": float(np.mean(first)),
+        "runs_over_2_points": int(sum(d > 2 for d in dips)),
+    }
 
 
 def _test_calibration(runs: list[dict]) -> dict | None:
@@ -404,6 +437,19 @@ def markdown_tables(summary: dict) -> str:
                 f"| {name} | {stats['fold_runs']} | {_fmt_interval(stats['accuracy'])} | {plain_text} | "
                 f"{stats['pooled_accuracy'] * 100:.1f} | {stats['wall_s_mean']:.0f} ({stats['wall_s_median']:.0f}) | {stats['cpu_s_mean']:.0f} | {per_min:.1f} |"
             )
+        dipped = {n: st["fine_tuning_dip"] for n, st in entry["recipes"].items() if "fine_tuning_dip" in st}
+        if dipped:
+            lines += [
+                "",
+                "| fine-tuning below its probe (inner val, points) | fold runs | worst epoch: mean, max "
+                "| first epoch: mean | runs more than 2 points below |",
+                "|---|---|---|---|---|",
+            ]
+            for name, dip in dipped.items():
+                lines.append(
+                    f"| {name} | {dip['fold_runs']} | {dip['worst_epoch_mean']:.1f}, {dip['worst_epoch_max']:.1f} "
+                    f"| {dip['first_epoch_mean']:.1f} | {dip['runs_over_2_points']} |"
+                )
         calibrated = {
             n: st["test_calibration"] for n, st in entry["recipes"].items() if "test_calibration" in st
         }
