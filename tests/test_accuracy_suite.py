@@ -136,3 +136,21 @@ def test_summary_pairs_recipes_on_the_same_folds():
     assert pair["bootstrap_photos"]["mean"] == pytest.approx(0.1)
     table = suite.markdown_tables(suite.summarize(rows))
     assert "| resfit - timm | 4 |" in table
+
+
+def test_summary_reports_how_far_fine_tuning_falls_below_its_probe():
+    def history(probe: float, tuned: list[float]) -> list[dict]:
+        return [{"stage": "head", "val_acc": probe}] + [{"stage": "finetune", "val_acc": v} for v in tuned]
+
+    rows = [
+        fake_row("resfit", 0, [1] * 10, wall=10.0) | {"history": history(0.70, [0.60, 0.75, 0.80])},
+        fake_row("resfit", 1, [1] * 10, wall=10.0) | {"history": history(0.70, [0.69, 0.72])},
+        fake_row("resfit-probe", 0, [1] * 10, wall=1.0) | {"history": history(0.70, [])},
+    ]
+    recipes = suite.summarize(rows)["hymenoptera"]["recipes"]
+    dip = recipes["resfit"]["fine_tuning_dip"]
+    assert dip["fold_runs"] == 2 and dip["runs_over_2_points"] == 1  # 10 points below, then 1
+    assert dip["worst_epoch_mean"] == pytest.approx(5.5) and dip["worst_epoch_max"] == pytest.approx(10.0)
+    assert dip["first_epoch_mean"] == pytest.approx(5.5)
+    assert "fine_tuning_dip" not in recipes["resfit-probe"]  # no fine-tuning epoch, nothing to report
+    assert "| resfit | 2 | 5.5, 10.0 | 5.5 | 1 |" in suite.markdown_tables(suite.summarize(rows))
