@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -64,19 +63,9 @@ def _checked(logprobs: np.ndarray, labels: np.ndarray) -> float:
     return _fit(logprobs, labels)
 
 
-def _map(logprobs: np.ndarray, labels: np.ndarray, sigma: float = 0.5) -> float:
-    """The most probable T under a normal prior on log T (mean 0, sd ``sigma``: T within about 0.37-2.7),
-    so that few photos pull T less far from 1 than many do."""
-    from scipy.optimize import minimize_scalar
-
-    rows = np.arange(len(labels))
-    log_softmax = calibration._log_softmax
-
-    def loss(log_t: float) -> float:
-        nll = -log_softmax(logprobs / math.exp(log_t))[rows, labels].sum()
-        return float(nll + log_t**2 / (2 * sigma**2))
-
-    return float(math.exp(minimize_scalar(loss, bounds=(-3, 3), method="bounded").x))
+def _map(logprobs: np.ndarray, labels: np.ndarray) -> float:
+    """The most probable T under resfit's normal prior on log T (mean 0, sd ``PRIOR_LOG_T_SD``)."""
+    return calibration.fit_temperature(logprobs, labels, prior_sd=calibration.PRIOR_LOG_T_SD)
 
 
 def _evidence(logprobs: np.ndarray, labels: np.ndarray, level: float = 0.05) -> float:
@@ -130,11 +119,19 @@ def held_out_runs(paths: list[Path]) -> list[dict]:
     return runs
 
 
+def _split(run: dict, split: str) -> tuple[np.ndarray, np.ndarray]:
+    held_out = run["held_out_logprobs"][split]
+    return np.asarray(held_out["logprobs"]), np.asarray(held_out["labels"])
+
+
+def rule_temperature(rule, run: dict) -> float:
+    """The temperature ``rule`` picks from the run's inner validation photos alone."""
+    return float(rule(*_split(run, "val")))
+
+
 def score_rule(rule, run: dict) -> dict:
-    val, test = run["held_out_logprobs"]["val"], run["held_out_logprobs"]["test"]
-    val_lp, val_labels = np.asarray(val["logprobs"]), np.asarray(val["labels"])
-    test_lp, test_labels = np.asarray(test["logprobs"]), np.asarray(test["labels"])
-    temperature = float(rule(val_lp, val_labels))
+    test_lp, test_labels = _split(run, "test")
+    temperature = rule_temperature(rule, run)
     raw = calibration._softmax(test_lp)
     scaled = calibration._softmax(test_lp / temperature)
     if not (scaled.argmax(1) == test_lp.argmax(1)).all():
@@ -189,7 +186,7 @@ def _replays_match_runs(runs: list[dict]) -> dict:
     kept = np.array([r["test_calibration"]["temperature"] for r in runs])
     found = {"runs": len(runs)}
     for name in ("checked", "resfit"):
-        replayed = np.array([score_rule(RULES[name], r)["temperature"] for r in runs])
+        replayed = np.array([rule_temperature(RULES[name], r) for r in runs])
         found[name] = int((np.abs(replayed - kept) <= 1e-4 * kept).sum())
     return found
 

@@ -111,10 +111,12 @@ def test_an_overconfident_model_is_softened_and_an_underconfident_one_is_left_al
 
 def test_the_prior_pulls_a_temperature_from_few_photos_towards_1_more_than_from_many():
     honest, labels = _three_class_logits(2000, seed=1)
-    for count in (40, 2000):
+
+    def pull(count: int) -> float:
+        """How far the prior moves log T towards 0, fitted on the first ``count`` photos."""
         plain = fit_temperature(honest[:count] * 2.5, labels[:count])
         with_prior = fit_temperature(honest[:count] * 2.5, labels[:count], prior_sd=0.5)
         assert 1.0 < with_prior < plain
-        if count == 40:
-            few_pull = math.log(plain) - math.log(with_prior)
-    assert math.log(plain) - math.log(with_prior) < few_pull / 10
+        return math.log(plain) - math.log(with_prior)
+
+    assert pull(2000) < pull(40) / 10
