@@ -152,13 +152,16 @@ def bench_arch(arch: str, args, work: Path, trained: Path | None = None) -> dict
     torch.set_num_threads(threads)
     run = trained or make_run(arch, work / "runs")
     cache = work / "cache"
-    auto = Classifier.load(run, config=InferenceConfig(cache_dir=str(cache)))
+    # auto times the engines at the batch the caller runs: here the benchmark's own
+    auto = Classifier.load(run, config=InferenceConfig(cache_dir=str(cache), batch_size=args.batch))
     size = auto.preprocessing.crop_size
     print(
         f"\n== {trained or arch} @{size}, batch {args.batch} ==  auto: {auto.choice.describe()}", flush=True
     )
     # What `resfit serve` and batch `predict` load: auto, with gated int8 timed too where bf16 is emulated.
-    serving = Classifier.load(run, config=InferenceConfig(cache_dir=str(cache), int8_when_safe=True))
+    serving = Classifier.load(
+        run, config=InferenceConfig(cache_dir=str(cache), int8_when_safe=True, batch_size=args.batch)
+    )
     print(f"serve / batch predict: {serving.choice.describe()}", flush=True)
     if trained is None:
         paths, photos = load_photos(auto, args.score_images, args.flowers_every)

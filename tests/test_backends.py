@@ -20,7 +20,7 @@ from resfit.errors import ConfigError
 from resfit.export import ExportError
 from resfit.hardware import CpuInfo, apply_isa_cap
 from resfit.inference.classifier import Classifier, InferenceConfig
-from resfit.inference.engines import OpenVinoBackend, choose_backend, time_engines
+from resfit.inference.engines import MEASURE_MIN_ROUNDS, OpenVinoBackend, choose_backend, time_engines
 
 ZEN5 = CpuInfo("2-core Zen 5", 2, 2, avx2=True, avx512=True, native_bf16=True)
 EPYC_AVX2 = CpuInfo("2-core AVX2 EPYC", 2, 2, avx2=True, avx512=False, native_bf16=False)
@@ -308,11 +308,11 @@ def test_one_load_reads_and_hashes_the_weights_once(tiny_run, tmp_path, monkeypa
 
 def test_time_engines_ranks_engines_measured_side_by_side():
     batch = np.zeros((4, 3, 8, 8), np.float32)
-    calls = {"fast": 0, "slow": 0}
+    calls = {"fast": [], "slow": []}
 
     def engine(name, seconds):
         def run(images):
-            calls[name] += 1
+            calls[name].append(len(images))
             time.sleep(seconds)
             return np.zeros((len(images), 2), np.float32)
 
@@ -320,7 +320,48 @@ def test_time_engines_ranks_engines_measured_side_by_side():
 
     figures = time_engines({"fast": engine("fast", 0.002), "slow": engine("slow", 0.02)}, batch)
     assert figures["fast"] > 3 * figures["slow"] > 0
-    assert calls["fast"] == calls["slow"] >= 6  # interleaved rounds: both called alike
+    # interleaved rounds: both called alike, each timed call of the whole batch after a one-image call
+    assert calls["fast"] == calls["slow"] and len(calls["fast"]) >= 1 + 2 * MEASURE_MIN_ROUNDS
+    assert calls["fast"][0] == 4 and set(calls["fast"][1::2]) == {1} and set(calls["fast"][2::2]) == {4}
+
+
+def test_the_ranking_follows_the_batch_the_caller_runs():
+    """An engine with a high cost per call wins at 16 images and loses at 2 (as OpenVINO bf16 against torch
+    bf16 did on a native-bf16 EPYC): auto must time at the caller's batch, not at a fixed small one."""
+
+    def engine(per_call, per_image):
+        def run(images):
+            time.sleep(per_call + per_image * len(images))
+            return np.zeros((len(images), 2), np.float32)
+
+        return run
+
+    engines = {"per_call": engine(0.03, 0.001), "per_image": engine(0.0, 0.005)}
+    small = time_engines(engines, np.zeros((2, 3, 8, 8), np.float32))
+    large = time_engines(engines, np.zeros((16, 3, 8, 8), np.float32))
+    assert max(small, key=small.get) == "per_image" and max(large, key=large.get) == "per_call"
+
+
+def test_auto_times_at_the_callers_batch_and_keys_the_figures_by_it(tiny_run, tmp_path, monkeypatch):
+    import resfit.inference.classifier as classifier_module
+
+    timed_batches: list[int] = []
+    real = classifier_module.time_engines
+
+    def recorded(engines, batch):
+        timed_batches.append(len(batch))
+        return real(engines, batch)
+
+    monkeypatch.setattr(classifier_module, "time_engines", recorded)
+    said: list[str] = []
+    for batch_size in (3, 16, 3):
+        config = InferenceConfig(precision="fp32", cache_dir=str(tmp_path), batch_size=batch_size)
+        loaded = Classifier.load(tiny_run, config=config, say=said.append)
+        assert f"(batch {batch_size}, " in loaded.choice.reason
+    assert timed_batches == [3, 16]  # the third load read the batch-3 figures back
+    assert "(cached)" in loaded.choice.reason
+    assert len(list((tmp_path / "engine-timings").glob("*.json"))) == 2
+    assert sum(line.startswith("built and timed in ") for line in said) == 2
 
 
 def test_auto_times_the_engines_once_then_keeps_the_fastest(tiny_run, tmp_path, monkeypatch):
@@ -359,15 +400,17 @@ def test_serve_and_batch_predict_consider_int8_a_few_images_do_not(
     photos = sorted(str(p) for p in tiny_imagefolder.rglob("*.png"))
     assert len(photos) >= PREDICT_INT8_MIN_IMAGES
     assert main(["predict", str(tiny_run), *photos[:2]]) == 0
-    assert "int8" not in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "int8" not in err and "(batch 2, " in err  # timed at the two images it runs
     assert main(["predict", str(tiny_run), str(tiny_imagefolder)]) == 0
     out, err = capsys.readouterr()
-    assert "openvino-int8" in err and "int8 agreed with fp32" in err
+    assert "openvino-int8" in err and "int8 agreed with fp32" in err and "(batch 16, " in err
     assert len(out.strip().splitlines()) == len(photos)
     served = []
     monkeypatch.setattr(serve_module, "run_server", lambda classifier, *args: served.append(classifier))
     assert main(["serve", str(tiny_run), "--port", "8765"]) == 0
     assert len(served) == 1 and "openvino-int8" in served[0].describe()
+    assert "(batch 16, " in served[0].describe()  # serve's largest batch
 
 
 def test_serve_answers_at_once_and_switches_to_int8_when_its_background_verdict_passes(

@@ -177,11 +177,12 @@ def _say_stderr(message: str) -> None:
 PREDICT_INT8_MIN_IMAGES = 32
 
 
-def _load_classifier(args, int8_when_safe: bool = False, int8_later: bool = False):
-    """The Classifier the flags ask for; which backend it runs on (and why) goes to stderr."""
+def _load_classifier(args, **settings):
+    """The Classifier the flags ask for (``settings``: InferenceConfig fields no flag sets); which backend it
+    runs on (and why) goes to stderr."""
     from .inference.classifier import Classifier, InferenceConfig
 
-    config = from_args(InferenceConfig, args, int8_when_safe=int8_when_safe, int8_later=int8_later)
+    config = from_args(InferenceConfig, args, **settings)
     classifier = Classifier.load(args.run_dir, config=config, say=_say_stderr)
     _say_stderr(classifier.describe())
     return classifier
@@ -206,7 +207,7 @@ def _run_serve(args) -> int:
         raise ConfigError(f"--port must be between 1 and 65535, got {args.port}")
     config = from_args(ServeConfig, args)
     # serve answers from its first second: a first int8 quantization (minutes) runs in the background
-    classifier = _load_classifier(args, int8_when_safe=True, int8_later=True)
+    classifier = _load_classifier(args, int8_when_safe=True, int8_later=True, batch_size=config.max_batch)
     print(f"resfit: serving on http://{args.host}:{args.port}/ (API docs at /docs)", file=sys.stderr)
     run_server(classifier, args.host, args.port, config)
     return 0
@@ -261,7 +262,13 @@ def _run_predict(args) -> int:
     paths = expand_inputs(args.paths)
     if not paths:
         raise DataError(f"no files to predict in {' '.join(args.paths)}")
-    classifier = _load_classifier(args, int8_when_safe=len(paths) >= PREDICT_INT8_MIN_IMAGES)
+    from .inference.classifier import PREDICT_BATCH_SIZE
+
+    classifier = _load_classifier(
+        args,
+        int8_when_safe=len(paths) >= PREDICT_INT8_MIN_IMAGES,
+        batch_size=min(len(paths), PREDICT_BATCH_SIZE),
+    )
     failed = 0
     for prediction in classifier.predict_paths(paths, top_k=args.top_k):
         failed += prediction.error is not None

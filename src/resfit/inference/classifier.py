@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,7 +25,6 @@ from ..settings import setting
 from .engines import (
     BACKENDS,
     INT8_ENGINE,
-    MEASURE_BATCH,
     PERFORMANCE_HINTS,
     BackendChoice,
     OnnxRuntimeBackend,
@@ -130,6 +130,9 @@ class InferenceConfig:
     # with int8_when_safe, and no int8 verdict cached yet: load on the fastest fp32 engine at once and leave
     # int8 (minutes to quantize and check) to reach_int8_verdict, which serve runs in the background
     int8_later: bool = False
+    # images per engine call the caller will mostly run (serve: its largest batch; predict: up to 16): auto
+    # times the engines at this batch, since which is fastest changes with it
+    batch_size: int = PREDICT_BATCH_SIZE
 
 
 class Classifier:
@@ -200,7 +203,7 @@ class Classifier:
         model, meta = run.model, run.meta
         cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
 
-        engines = _Engines(run, runtime, cache_dir, choice.performance_hint, say)
+        engines = _Engines(run, runtime, cache_dir, choice.performance_hint, say, max(1, config.batch_size))
         int8_note, int8_later = "", False
         if config.int8_when_safe and config.backend == "auto" and config.precision == "auto":
             if runtime.device == "cpu" and choice.precision == "fp32" and is_available("openvino"):
@@ -369,6 +372,7 @@ class _Engines:
     cache_dir: Path
     performance_hint: str
     say: Callable[[str], None] | None
+    batch_size: int  # what auto times the engines at
     int8_ir: Path | None = None
 
     def __call__(self, name: str, precision: str):
@@ -386,15 +390,7 @@ class _Engines:
 def _fastest_choice(engines: _Engines, choice: BackendChoice, int8_note: str) -> tuple[object, BackendChoice]:
     """(engine, choice): the fastest engine ``auto`` measured for ``choice.precision`` (and the gated int8 IR,
     where there is one), with why in the choice's reason."""
-    name, measured, built = _fastest_engine(
-        engines,
-        choice.precision,
-        engines.run,
-        engines.runtime,
-        engines.cache_dir,
-        engines.say,
-        engines.int8_ir,
-    )
+    name, measured, built = _fastest_engine(engines, choice.precision)
     backend_engine = built or engines(name, choice.precision)
     precision_reason = choice.reason.partition("; ")[2]  # what follows the rule's own "why"
     if name == INT8_ENGINE:
@@ -417,35 +413,42 @@ def _gated_int8(run: LoadedRun, cache_dir: Path, say) -> tuple[Path | None, str]
         return None, f"int8 not used: {error}"
 
 
-def _fastest_engine(
-    engine, precision, run: LoadedRun, runtime, cache_dir, say, int8_ir: Path | None = None
-) -> tuple[str, str, object]:
+def _fastest_engine(engines: _Engines, precision: str) -> tuple[str, str, object]:
     """(engine name, why, the engine if it was built here): ``auto`` times every installed engine once per
-    model and machine, then remembers the figures.
+    model, machine and batch size, then remembers the figures.
 
-    The first load of a model on a CPU exports it to each format (once; cached) and times each engine for
-    about MEASURE_SECONDS on a batch of the run's own input size; later loads read the figures back. A
-    gated int8 IR (``int8_ir``) joins the candidates as INT8_ENGINE.
+    The first load of a model on a CPU exports it to each format (once; cached) and times each engine on a
+    batch of ``engines.batch_size`` images at the run's own input size (``time_engines``); later loads read
+    the figures back. A gated int8 IR (``engines.int8_ir``) joins the candidates as INT8_ENGINE.
     """
-    candidates = measurable_engines(precision) + ([INT8_ENGINE] if int8_ir is not None else [])
-    label = f"{precision} or int8" if int8_ir is not None else precision
+    run, runtime, say = engines.run, engines.runtime, engines.say
+    candidates = measurable_engines(precision) + ([INT8_ENGINE] if engines.int8_ir is not None else [])
+    label = f"{precision} or int8" if engines.int8_ir is not None else precision
     if len(candidates) == 1:
         return candidates[0], "the only engine installed for this precision", None
     size = int(run.meta["preprocessing"]["crop_size"])
     model_key = f"{run.digest}:{run.meta.get('tta', 'none')}:{size}"
-    path = measurement_path(cache_dir, runtime.cpu, runtime.threads, label, model_key)
+    batch_size = engines.batch_size
+    path = measurement_path(engines.cache_dir, runtime.cpu, runtime.threads, label, model_key, batch_size)
     figures = read_measurement(path)
     cached = figures is not None and set(figures) == set(candidates)
     built = {}
     if not cached:
         if say is not None:
-            say(f"timing {', '.join(candidates)} on this CPU once for this model (about {len(candidates)} s)")
-        batch = np.random.default_rng(0).standard_normal((MEASURE_BATCH, 3, size, size)).astype(np.float32)
-        built = {name: engine(name, precision) for name in candidates}
+            say(f"timing {', '.join(candidates)} on this CPU once for this model, {batch_size} images a call")
+        shape = (batch_size, 3, size, size)
+        batch = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+        started = time.perf_counter()
+        built = {name: engines(name, precision) for name in candidates}
         figures = time_engines(built, batch)
-        write_measurement(path, figures, runtime.cpu, runtime.threads)
+        write_measurement(path, figures, runtime.cpu, runtime.threads, batch_size)
+        if say is not None:
+            say(
+                f"built and timed in {time.perf_counter() - started:.1f} s (once per model, CPU and batch size)"
+            )
     fastest = max(figures, key=figures.get)
-    return fastest, describe_measurement(figures, label, runtime.threads, cached), built.get(fastest)
+    described = describe_measurement(figures, label, runtime.threads, cached, batch_size)
+    return fastest, described, built.get(fastest)
 
 
 def expand_inputs(inputs: Iterable[str]) -> list[str]:

@@ -114,8 +114,11 @@ def choose_backend(
 
 
 # --- auto, measured: the fastest engine on this machine, timed once and remembered -----------------------
-MEASURE_BATCH = 4  # images per timed call: short enough that timing every engine stays within seconds
-MEASURE_SECONDS = 1.0  # per engine, after one warm-up call
+# The engines are timed at the batch the caller will run (InferenceConfig.batch_size): the ranking changes
+# with it (issue #17: with native bf16, torch led OpenVINO 37 to 25 img/s at 4 images and trailed it 1.43x
+# at 16).
+MEASURE_SECONDS = 1.0  # per engine, beyond the first rounds
+MEASURE_MIN_ROUNDS = 2
 MEASURE_MAX_CALLS = 25
 # Environment variables that change which kernels the engines run: part of the cache key.
 _ISA_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "DNNL_MAX_CPU_ISA", "OMP_NUM_THREADS")
@@ -134,15 +137,19 @@ def time_engines(
     engines: dict[str, Callable[[np.ndarray], np.ndarray]], batch: np.ndarray
 ) -> dict[str, float]:
     """Median images/s of each engine on ``batch``, timed side by side in rounds that run every engine in
-    turn, so a change in the machine's load falls on all of them alike. In each round an engine is called
-    twice and the second call timed: the first absorbs the switch from the previous engine's thread pool.
-    At least 3 rounds, then up to MEASURE_SECONDS per engine in all."""
+    turn, so a change in the machine's load falls on all of them alike. Each engine first runs the whole
+    batch once untimed (first calls compile and allocate); in each round a one-image call precedes the timed
+    call, to absorb the switch from the previous engine's thread pool at a sixteenth of a batch's cost.
+    At least MEASURE_MIN_ROUNDS rounds, then up to MEASURE_SECONDS per engine in all: the cost is about
+    (MEASURE_MIN_ROUNDS + 1) batches per engine on a slow machine."""
+    for engine in engines.values():
+        engine(batch)
     seconds: dict[str, list[float]] = {name: [] for name in engines}
     deadline = time.perf_counter() + MEASURE_SECONDS * len(engines)
     rounds = 0
-    while rounds < 3 or (time.perf_counter() < deadline and rounds < MEASURE_MAX_CALLS):
+    while rounds < MEASURE_MIN_ROUNDS or (time.perf_counter() < deadline and rounds < MEASURE_MAX_CALLS):
         for name, engine in engines.items():
-            engine(batch)
+            engine(batch[:1])
             started = time.perf_counter()
             engine(batch)
             seconds[name].append(time.perf_counter() - started)
@@ -150,7 +157,9 @@ def time_engines(
     return {name: round(len(batch) / float(np.median(times)), 2) for name, times in seconds.items()}
 
 
-def measurement_path(cache_dir: Path, cpu: CpuInfo, threads: int, precision: str, model_key: str) -> Path:
+def measurement_path(
+    cache_dir: Path, cpu: CpuInfo, threads: int, precision: str, model_key: str, batch: int
+) -> Path:
     """Where the timing of one model on this CPU is kept: keyed by everything that changes the ranking."""
     versions = {}
     for package in ("torch", "onnxruntime", "openvino"):
@@ -164,7 +173,7 @@ def measurement_path(cache_dir: Path, cpu: CpuInfo, threads: int, precision: str
             "threads": threads,
             "precision": precision,
             "model": model_key,
-            "batch": MEASURE_BATCH,
+            "batch": batch,
             "versions": versions,
             "isa": {name: os.environ.get(name) for name in _ISA_VARIABLES},
         },
@@ -184,23 +193,25 @@ def read_measurement(path: Path) -> dict[str, float] | None:
     return figures
 
 
-def write_measurement(path: Path, figures: dict[str, float], cpu: CpuInfo, threads: int) -> None:
+def write_measurement(path: Path, figures: dict[str, float], cpu: CpuInfo, threads: int, batch: int) -> None:
     try:
         atomic_write_json(
             path,
-            {"images_per_second": figures, "batch": MEASURE_BATCH, "cpu": cpu.describe(), "threads": threads},
+            {"images_per_second": figures, "batch": batch, "cpu": cpu.describe(), "threads": threads},
         )
     except OSError:
         pass  # the measurement only saves time at the next load
 
 
-def describe_measurement(figures: dict[str, float], precision: str, threads: int, cached: bool) -> str:
+def describe_measurement(
+    figures: dict[str, float], precision: str, threads: int, cached: bool, batch: int
+) -> str:
     ranked = sorted(figures.items(), key=lambda item: -item[1])
     listed = ", ".join(f"{name} {value:.1f}" for name, value in ranked)
     when = "at an earlier first load (cached)" if cached else "just now"
     return (
         f"the fastest {precision} engine measured on this CPU {when}: {listed} img/s "
-        f"(batch {MEASURE_BATCH}, {threads} threads)"
+        f"(batch {batch}, {threads} threads)"
     )
 
 
