@@ -1,7 +1,7 @@
 """CPU inference side by side, in one run: eager fp32 PyTorch against every backend and precision, and `auto`.
 
     python benchmarks/inference_backends.py [--archs resnet50,resnet101] [--batch 16] [--repeats 5]
-        [--emulated] [--score-images 200] [--json PATH]
+        [--emulated] [--score-images 200] [--flowers-every 8] [--score-rows all|default] [--json PATH]
 
 The models are the Imagenette sources in ../shared/weights (10 classes) written as resfit run folders
 at 224 px (and any trained run folders given with --runs, at their own size), so every backend goes through the same path as `resfit predict` (Classifier.load, on-the-fly
@@ -11,7 +11,11 @@ hits all of them alike. Top-1 agreement and max |logit difference| are against e
 hymenoptera photos (train + val: --score-images of the ~400, evenly spaced; 0 = all) and every
 --flowers-every-th flowers5 photo, a stricter test with a 10-class head than with 2 or 5 classes. The last
 row is what `resfit serve` and batch `predict` load (auto with gated int8 timed too where bf16 is
-emulated). int8 is calibrated on hymenoptera train photos, so its agreement includes them.
+emulated). int8 is calibrated on hymenoptera train photos, so its agreement includes them. Every shared photo:
+`--score-images 0 --flowers-every 1`; `--score-rows default` then scores only the two default rows (the others
+keep their speed and show no agreement), which keeps that run within minutes. Each row also gives its
+fp32-equivalent arithmetic rate (forward GFLOP per image x images/s) as a fraction of the CPU's measured
+fp32 matmul rate (benchmarks/cpu_yardstick.py): near 1, no fp32 engine can go much faster.
 ONNX Runtime ignores the AVX2 stand-in (benchmarks/isa_cap.py): under it, `--hide onnxruntime` keeps it
 out of auto's candidates, so that the default's figure is an AVX2 figure (its own row is still timed). On a CPU without native bf16 the bf16 configurations (emulated, several times
 slower than fp32) are left out unless --emulated asks for them. The JSON (machine, commit, command, rows)
@@ -22,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +41,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from cpu_yardstick import forward_gflop_per_image, matmul_gflops  # noqa: E402
+from provenance import record, stamp  # noqa: E402
 
 from resfit.data.transforms import Preprocessing  # noqa: E402
 from resfit.errors import ResfitError  # noqa: E402
@@ -145,6 +151,11 @@ def run_photos(run: Path, count: int) -> list[str]:
     return paths
 
 
+def say_indented(message: str) -> None:
+    """What resfit says while it loads (exports, the engines' timing and its cost), in the log."""
+    print(f"  resfit: {message}", flush=True)
+
+
 def bench_arch(arch: str, args, work: Path, trained: Path | None = None) -> dict:
     """One model side by side: the shared source as a 224 px run (``arch``), or a trained run folder."""
     cpu = detect_cpu()
@@ -153,14 +164,18 @@ def bench_arch(arch: str, args, work: Path, trained: Path | None = None) -> dict
     run = trained or make_run(arch, work / "runs")
     cache = work / "cache"
     # auto times the engines at the batch the caller runs: here the benchmark's own
-    auto = Classifier.load(run, config=InferenceConfig(cache_dir=str(cache), batch_size=args.batch))
+    auto = Classifier.load(
+        run, config=InferenceConfig(cache_dir=str(cache), batch_size=args.batch), say=say_indented
+    )
     size = auto.preprocessing.crop_size
     print(
         f"\n== {trained or arch} @{size}, batch {args.batch} ==  auto: {auto.choice.describe()}", flush=True
     )
     # What `resfit serve` and batch `predict` load: auto, with gated int8 timed too where bf16 is emulated.
     serving = Classifier.load(
-        run, config=InferenceConfig(cache_dir=str(cache), int8_when_safe=True, batch_size=args.batch)
+        run,
+        config=InferenceConfig(cache_dir=str(cache), int8_when_safe=True, batch_size=args.batch),
+        say=say_indented,
     )
     print(f"serve / batch predict: {serving.choice.describe()}", flush=True)
     if trained is None:
@@ -181,6 +196,8 @@ def bench_arch(arch: str, args, work: Path, trained: Path | None = None) -> dict
         )
     )
     runners = {c.label: c.make() for c in configs}
+    gflop = forward_gflop_per_image(auto.model, size)
+    matmul_samples = [matmul_gflops()]
     for runner in runners.values():  # warm-up: first calls compile kernels / allocate
         runner(batch)
         runner(batch)
@@ -188,6 +205,11 @@ def bench_arch(arch: str, args, work: Path, trained: Path | None = None) -> dict
     for _ in range(args.repeats):
         for label, runner in runners.items():
             rates[label].append(images_per_second(runner, batch, args.calls))
+    matmul_samples.append(matmul_gflops())  # before and after the timing: the machine drifts
+    matmul = statistics.median(matmul_samples)
+    scored = (
+        set(runners) if args.score_rows == "all" else {configs[0].label, configs[-2].label, configs[-1].label}
+    )
     # A run with a feature-based "unknown" rule has PyTorch's model output its pooled features after the
     # logits; the answers are the first len(class_names) columns of every engine's output.
     classes = len(json.loads((run / "model.json").read_text())["class_names"])
@@ -197,8 +219,11 @@ def bench_arch(arch: str, args, work: Path, trained: Path | None = None) -> dict
     rows = []
     base = statistics.median(rates[configs[0].label])
     for label, runner in runners.items():
-        logits = np.concatenate([runner(photos[i : i + 32]) for i in range(0, len(photos), 32)])[:, :classes]
         rate = statistics.median(rates[label])
+        logits = None
+        if label in scored:
+            outputs = [runner(photos[i : i + 32]) for i in range(0, len(photos), 32)]
+            logits = np.concatenate(outputs)[:, :classes]
         rows.append(
             {
                 "config": label,
@@ -209,11 +234,19 @@ def bench_arch(arch: str, args, work: Path, trained: Path | None = None) -> dict
                 "min": min(rates[label]),
                 "max": max(rates[label]),
                 "speedup": rate / base,
-                "top1_agreement": float((logits.argmax(1) == reference.argmax(1)).mean()),
-                "max_abs_logit_diff": float(np.abs(logits - reference).max()),
+                # fp32-equivalent arithmetic per second against the CPU's measured fp32 matmul rate
+                "of_matmul_rate": rate * gflop / matmul,
+                "top1_agreement": None
+                if logits is None
+                else float((logits.argmax(1) == reference.argmax(1)).mean()),
+                "max_abs_logit_diff": None if logits is None else float(np.abs(logits - reference).max()),
             }
         )
     print_table(rows, len(paths))
+    print(
+        f"forward {gflop:.2f} GFLOP per image; fp32 matmul rate {matmul:.0f} GFLOP/s "
+        f"(median of {', '.join(f'{m:.0f}' for m in matmul_samples)}, 4096x4096, {threads} threads)"
+    )
     auto_row = rows[-2]
     print(
         f"{arch}: default backend ({auto.choice.name} {auto.choice.precision}) / eager fp32 = "
@@ -234,6 +267,8 @@ def bench_arch(arch: str, args, work: Path, trained: Path | None = None) -> dict
         "auto": auto.choice.describe(),
         "serve_and_batch_predict": serving.choice.describe(),
         "rows": rows,
+        "forward_gflop_per_image": gflop,
+        "matmul_gflops": {"samples": matmul_samples, "median": matmul},
         "photos": len(paths),
         "photo_sets": {"hymenoptera": args.score_images or "all", "flowers5_every": args.flowers_every},
     }
@@ -241,13 +276,18 @@ def bench_arch(arch: str, args, work: Path, trained: Path | None = None) -> dict
 
 def print_table(rows: list[dict], photos: int) -> None:
     print(
-        f"{'configuration':<40} {'images/s':>9} {'(min-max)':>13} {'x eager':>8} {'top-1 agree':>12} {'max|dlogit|':>11}"
+        f"{'configuration':<40} {'images/s':>9} {'(min-max)':>13} {'x eager':>8} {'of matmul':>9} "
+        f"{'top-1 agree':>12} {'max|dlogit|':>11}"
     )
     for row in rows:
         spread = f"{row['min']:.1f}-{row['max']:.1f}"
+        scored = row["top1_agreement"] is not None
+        agreement = (
+            f"{row['top1_agreement']:>11.2%} {row['max_abs_logit_diff']:>11.2e}" if scored else f"{'-':>11}"
+        )
         print(
             f"{row['config']:<40} {row['images_per_s']:>9.1f} {spread:>13} {row['speedup']:>7.2f}x "
-            f"{row['top1_agreement']:>11.2%} {row['max_abs_logit_diff']:>11.2e}"
+            f"{row['of_matmul_rate']:>8.0%} {agreement}"
             + ("  (ignores the ISA cap: not an AVX2 figure)" if row["ignores_isa_cap"] else "")
         )
     print(f"(top-1 agreement and logit difference vs eager fp32 on {photos} shared photos)")
@@ -272,6 +312,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--flowers-every", type=int, default=8, help="also score every N-th flowers5 photo (0 = none)"
+    )
+    parser.add_argument(
+        "--score-rows",
+        choices=("all", "default"),
+        default="all",
+        help="default: score the agreement of the two default rows only (with every photo, minutes not hours)",
     )
     parser.add_argument("--emulated", action="store_true", help="also time bf16 on a CPU without native bf16")
     parser.add_argument(
@@ -307,23 +353,14 @@ def main() -> None:
         for trained in filter(None, args.runs.split(",")):
             meta = json.loads((Path(trained) / "model.json").read_text())
             results.append(bench_arch(meta["architecture"], args, Path(work), Path(trained)))
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = (
-        Path(args.json) if args.json else REPO / "benchmarks" / "results" / f"inference_backends-{stamp}.json"
+        Path(args.json)
+        if args.json
+        else REPO / "benchmarks" / "results" / f"inference_backends-{stamp()}.json"
     )
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
-    dirty = subprocess.run(["git", "status", "--porcelain", "src"], cwd=REPO, capture_output=True, text=True)
-    record = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "commit": commit.strip(),
-        "src_dirty": bool(dirty.stdout.strip()),
-        "cpu": cpu.describe(),
-        "isa_limits": {k: os.environ.get(k) for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")},
-        "hidden_from_auto": sorted(hidden),
-        "results": results,
-    }
+    report = {**record(), "hidden_from_auto": sorted(hidden), "results": results}
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2))
+    out.write_text(json.dumps(report, indent=2))
     print(f"wrote {out}")
 
 

@@ -26,6 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from cpu_yardstick import matmul_gflops
 from provenance import record, stamp
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -56,19 +57,6 @@ def optimizer_and_loss(model: nn.Module, recipe: TrainConfig | None):
     optimizer, frozen = finetune_optimizer(model, recipe)
     set_train_mode(model, model, recipe, frozen)
     return optimizer, nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
-
-
-def matmul_gflops(size: int = 4096, repeats: int = 5) -> float:
-    """The CPU's measured fp32 matmul rate at the current thread count (median of ``repeats``): the
-    yardstick a training step's useful arithmetic is held against."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    torch.mm(a, b)
-    rates = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        torch.mm(a, b)
-        rates.append(2 * size**3 / (time.perf_counter() - started) / 1e9)
-    return statistics.median(rates)
 
 
 def step_gflop_per_image(loader, step_fn) -> float:
