@@ -26,7 +26,11 @@ def parse(*argv: str):
     [
         (TrainConfig, ["train", "DATA"], {"data"}),
         (AuditConfig, ["audit", "DATA"], {"data"}),
-        (InferenceConfig, ["predict", "RUN", "a.jpg"], {"cache_dir", "int8_when_safe", "int8_later"}),
+        (
+            InferenceConfig,
+            ["predict", "RUN", "a.jpg"],
+            {"cache_dir", "int8_when_safe", "int8_later", "batch_size"},
+        ),
         (ExportConfig, ["export", "RUN"], {"run_dir"}),
         (ServeConfig, ["serve", "RUN"], {"max_files", "allowed_formats", "max_batch", "decode_threads"}),
         (

@@ -438,14 +438,12 @@ def _fastest_engine(engines: _Engines, precision: str) -> tuple[str, str, object
             say(f"timing {', '.join(candidates)} on this CPU once for this model, {batch_size} images a call")
         shape = (batch_size, 3, size, size)
         batch = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-        started = time.perf_counter()
         built = {name: engines(name, precision) for name in candidates}
+        started = time.perf_counter()
         figures = time_engines(built, batch)
         write_measurement(path, figures, runtime.cpu, runtime.threads, batch_size)
         if say is not None:
-            say(
-                f"built and timed in {time.perf_counter() - started:.1f} s (once per model, CPU and batch size)"
-            )
+            say(f"timed in {time.perf_counter() - started:.1f} s (once per model, CPU and batch size)")
     fastest = max(figures, key=figures.get)
     described = describe_measurement(figures, label, runtime.threads, cached, batch_size)
     return fastest, described, built.get(fastest)
