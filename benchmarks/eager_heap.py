@@ -4,8 +4,8 @@ each time in a fresh process, with glibc's default malloc settings and with larg
     python benchmarks/eager_heap.py [--processes 3] [--repeats 3] [--calls 2] [--batch 16]
 
 Both settings take turns, one fresh process each, so a change in the machine's load falls on both alike.
-The model is the shared ResNet-50 source as a 224 px run (as in inference_backends.py), the batch the first
-real ants/bees photos. The JSON (with provenance) goes to benchmarks/results/.
+The model is the shared ResNet-50 source as a 224 px run (as in inference_backends.py), the batch real
+ants/bees photos spaced over the sorted list. The JSON (with provenance) goes to benchmarks/results/.
 """
 
 from __future__ import annotations
