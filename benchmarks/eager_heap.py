@@ -14,13 +14,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
-from inference_backends import REPO, load_photos, make_run
+from inference_backends import REPO, eager_in_own_process, load_photos, make_run
 from provenance import record, stamp
 
 from resfit.hardware import detect_cpu
@@ -47,14 +45,10 @@ def main() -> None:
         _, photos = load_photos(Classifier.load(run, backend="torch", precision="fp32"), args.batch, 0)
         saved = Path(work) / "batch.npy"
         np.save(saved, np.ascontiguousarray(photos[: args.batch]))
-        child = [sys.executable, str(REPO / "benchmarks" / "inference_backends.py"), "--eager-child"]
-        child += [str(run), str(saved), "--calls", str(args.calls), "--repeats", str(args.repeats)]
-        child += ["--threads", str(threads)]
         for process in range(args.processes):
             for name, variables in settings.items():
                 environ = {k: v for k, v in os.environ.items() if k not in KEPT_ON_HEAP} | variables
-                done = subprocess.run(child, capture_output=True, text=True, check=True, env=environ)
-                measured = json.loads(done.stdout.strip().splitlines()[-1])
+                measured = eager_in_own_process(run, saved, args.calls, args.repeats, threads, environ)
                 rates[name] += measured
                 print(
                     f"process {process + 1}, {name}: {', '.join(f'{r:.1f}' for r in measured)} img/s",

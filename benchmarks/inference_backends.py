@@ -137,16 +137,17 @@ def images_per_second(run_batch, batch: np.ndarray, calls: int) -> float:
     return calls * len(batch) / (time.perf_counter() - started)
 
 
-def eager_in_own_process(run: Path, batch: np.ndarray, work: Path, threads: int, args) -> list[float]:
-    """Images/s of the eager fp32 loop in a process of its own, as a user's script runs it: in this process
-    the heap has been shaped by everything timed and decoded before, and glibc's malloc then maps and
-    unmaps eager PyTorch's large activations differently (page faults on every call or none): the same
-    eager loop measured 9.2 and 16.5 img/s here in two runs of this benchmark."""
-    saved = work / "eager-batch.npy"
-    np.save(saved, np.ascontiguousarray(batch))
-    command = [sys.executable, __file__, "--eager-child", str(run), str(saved), "--calls", str(args.calls)]
-    command += ["--repeats", str(args.repeats), "--threads", str(threads)]
-    done = subprocess.run(command, capture_output=True, text=True, check=True)
+def eager_in_own_process(
+    run: Path, saved: Path, calls: int, repeats: int, threads: int, env: dict | None = None
+) -> list[float]:
+    """Images/s of the eager fp32 loop on the batch ``saved`` (.npy) in a process of its own, as a user's
+    script runs it (``env``: its environment, default this one's): in this process the heap has been shaped
+    by everything timed and decoded before, and glibc's malloc then maps and unmaps eager PyTorch's large
+    activations differently (page faults on every call or none): the same eager loop measured 9.2 and 16.5
+    img/s here in two runs of this benchmark."""
+    command = [sys.executable, __file__, "--eager-child", str(run), str(saved), "--calls", str(calls)]
+    command += ["--repeats", str(repeats), "--threads", str(threads)]
+    done = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -227,7 +228,9 @@ def bench_arch(arch: str, args, work: Path, trained: Path | None = None) -> dict
     runners = {c.label: c.make() for c in configs}
     gflop = forward_gflop_per_image(auto.model, size)
     matmul_samples = [matmul_gflops()]
-    own_process = eager_in_own_process(run, batch, work, threads, args)
+    saved = work / "eager-batch.npy"
+    np.save(saved, np.ascontiguousarray(batch))
+    own_process = eager_in_own_process(run, saved, args.calls, args.repeats, threads)
     for runner in runners.values():  # warm-up: first calls compile kernels / allocate
         runner(batch)
         runner(batch)
@@ -236,7 +239,7 @@ def bench_arch(arch: str, args, work: Path, trained: Path | None = None) -> dict
         for label, runner in runners.items():
             rates[label].append(images_per_second(runner, batch, args.calls))
     matmul_samples.append(matmul_gflops())  # before and after the timing: the machine drifts
-    own_process += eager_in_own_process(run, batch, work, threads, args)
+    own_process += eager_in_own_process(run, saved, args.calls, args.repeats, threads)
     matmul = statistics.median(matmul_samples)
     scored = (
         set(runners) if args.score_rows == "all" else {configs[0].label, configs[-2].label, configs[-1].label}
