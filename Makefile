@@ -40,7 +40,7 @@ lint: setup
 	$(BIN)/ruff format --check src tests benchmarks
 
 test: setup browser lint
-	RESFIT_SHARED=$(abspath $(SHARED)) $(BIN)/python -m pytest -q -ra
+	RESFIT_SHARED=$(abspath $(SHARED)) $(BIN)/python -m pytest -q -ra --durations=25
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import shutil
@@ -21,6 +22,7 @@ from resfit.data.decoded_cache import (
 )
 from resfit.data.scan import default_cache_dir
 from resfit.data.sources import discover
+from resfit.data.splits import DatasetSource
 from resfit.data.transforms import INTERPOLATIONS, Preprocessing
 from resfit.errors import ConfigError, ImageReadError
 from resfit.models import IMAGENET_MEAN, IMAGENET_STD
@@ -219,3 +221,40 @@ def test_training_on_cached_images_matches_decoding(varied, tmp_path):
         assert sum(line.startswith("decoded-image cache: " + mode) for line in lines) == 1
     on, off = (runs[m].history[-1] for m in ("on", "off"))
     assert on["train_loss"] == off["train_loss"] and on["val_loss"] == off["val_loss"]
+
+
+def test_passes_after_training_read_the_cache_not_the_files(tmp_path, monkeypatch):
+    """Calibration, the "unknown" rule's feature bank and the final evaluation read the run's decoded
+    images: each file is decoded twice (the duplicate check's perceptual hash, then the cache), plus the
+    val mistakes drawn on the report's contact sheet, not once more per pass."""
+    rng = np.random.default_rng(1)
+    for split in ("train", "val"):
+        for label, name in enumerate(("blue", "red")):
+            folder = tmp_path / "data" / split / name
+            folder.mkdir(parents=True)
+            for i, (width, height) in enumerate(SHAPES + SHAPES[:3]):  # 12 a class: 24 val photos
+                pixels = rng.integers(0, 120, size=(height, width, 3), dtype=np.uint8)
+                pixels[..., 2 - 2 * label] += 120
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    reads: list[str] = []
+    read = DatasetSource.read
+    monkeypatch.setattr(DatasetSource, "read", lambda self, item: reads.append(item) or read(self, item))
+    lines: list[str] = []
+    config = TrainConfig(
+        data=str(tmp_path / "data"),
+        out=str(tmp_path / "run"),
+        model="resnet18",
+        weights="none",
+        epochs=1,
+        img_size=32,
+        batch_size=8,
+        num_workers=0,
+        decoded_cache="on",
+        reject_score="knn",
+        quiet=True,
+    )
+    train(config, say=lines.append)
+    assert any("below knn" in line for line in lines), lines  # the knn rule: its bank was made
+    mistakes = json.loads((tmp_path / "run" / "misclassified.json").read_text())
+    files = 2 * 2 * 12
+    assert len(reads) <= 2 * files + len(mistakes), (len(reads), files, len(mistakes))

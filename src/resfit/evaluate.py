@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 from torch import nn
 
@@ -13,6 +15,9 @@ from .hardware import Runtime
 from .metrics import classification_metrics
 from .rejection import RejectRule, answered_metrics, split_output
 
+if TYPE_CHECKING:
+    from .data.decoded_cache import DecodedImages
+
 
 def evaluate_split(
     model: nn.Module,
@@ -23,13 +28,15 @@ def evaluate_split(
     num_workers: int = 0,
     progress: bool = False,
     reject: RejectRule | None = None,
+    decoded: DecodedImages | None = None,
 ) -> tuple[dict, np.ndarray]:
     """Metrics of ``model`` on one split, with the same transform and batching everywhere (train, evaluate).
 
     ``reject`` (the run's "unknown" rule) adds what it does on this split; a knn rule needs a model whose
-    output carries the features after the logits (``load_model(..., features=True)``).
+    output carries the features after the logits (``load_model(..., features=True)``). ``decoded``: the
+    split pre-resized to ``preprocessing.resize_size`` (data/decoded_cache.py), read instead of the files.
     """
-    dataset = ImageDataset(source, split, preprocessing.eval_transform())
+    dataset = ImageDataset(source, split, preprocessing.eval_transform(), decoded=decoded)
     loader = eval_loader(dataset, num_workers)
     output, labels = predict_logits(model, loader, runtime, progress, desc=f"evaluate {split}")
     logits, features = split_output(output, len(source.class_names))

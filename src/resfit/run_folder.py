@@ -13,10 +13,11 @@ import csv
 import io
 import json
 import platform
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -41,6 +42,9 @@ from .model_wrappers import EnsembleModel, TemperatureScaled, TTAWrapper, WithFe
 from .models import build_model, check_architecture
 from .plots import plot_confusion_matrix, plot_misclassified
 from .rejection import FEATURE_SCORES, RejectRule, needs_features
+
+if TYPE_CHECKING:
+    from .data.decoded_cache import DecodedImages
 
 FORMAT = "resfit-run"
 FORMAT_VERSION = 1
@@ -512,10 +516,13 @@ class RunFolder:
         calibration: dict,
         rejection: dict,
         num_workers: int = 0,
+        decoded: Mapping[str, DecodedImages] | None = None,
     ) -> dict[str, dict]:
         """Evaluate the saved (calibrated) model exactly as `resfit evaluate` would, on val and then test
         where the data has one, and write each split's reports; val's metrics also get the temperature fit
-        and the "unknown" rule's figures. Returns the metrics per split."""
+        and the "unknown" rule's figures. Returns the metrics per split.
+
+        ``decoded``: splits already decoded at this model's eval resize (training's cache: the same pixels)."""
         meta = self.read_meta()
         # with the run's test-time augmentation, if it has one, and the features its "unknown" rule needs
         model, meta = self.load_model(features=needs_features(meta.get("reject")))
@@ -532,6 +539,7 @@ class RunFolder:
                 runtime,
                 num_workers,
                 reject=rule if split != "val" else None,
+                decoded=(decoded or {}).get(split),
             )
             metrics["calibration"] = calibration_scores(probs, np.asarray(source.splits[split].labels))
             if split == "val":

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from ..batched_inference import eval_loader, predict_logits
 from ..calibration import calibrate_run
 from ..data.dataset import ImageDataset
-from ..data.decoded_cache import decoded_caches
+from ..data.decoded_cache import DecodedImages, decoded_caches
 from ..data.duplicates import hash_duplicates, warning_line
 from ..data.feature_cache import FeatureCache, content_fingerprint, feature_key, weights_fingerprint
 from ..data.scan import load_dataset
@@ -712,35 +712,48 @@ class Trainer:
         # One pass over val: the uncalibrated logits, and the features after them where the rule needs them.
         model, meta = self.folder.load_model(calibrated=False, features=wants_features)
         model.to(self.runtime.device, memory_format=torch.channels_last)
-        transform = Preprocessing.from_dict(meta["preprocessing"]).eval_transform()
-        output, labels = predict_logits(
-            model,
-            eval_loader(ImageDataset(self.source, "val", transform), self.config.num_workers),
-            self.runtime,
-        )
+        preprocessing = Preprocessing.from_dict(meta["preprocessing"])
+        transform, decoded = preprocessing.eval_transform(), self.decoded_for(preprocessing)
+        val = ImageDataset(self.source, "val", transform, decoded=decoded.get("val"))
+        output, labels = predict_logits(model, eval_loader(val, self.config.num_workers), self.runtime)
         raw, features = split_output(output, len(self.source.class_names))
         fit = calibrate_run(self.folder, raw, labels, self.say)
-        bank = self.feature_bank(model, transform) if wants_features else None
+        bank = self.feature_bank(model, transform, decoded.get("train")) if wants_features else None
         logits = raw / fit["temperature"]
         return fit, choose_and_store_rule(
             self.folder, logits, labels, target, score, self.say, features, bank
         )
 
-    def feature_bank(self, model: nn.Module, transform) -> np.ndarray:
+    def feature_bank(self, model: nn.Module, transform, decoded: DecodedImages | None) -> np.ndarray:
         """The knn rule's bank: the kept model's normalised pooled features of at most MAX_BANK_IMAGES
         training photos (a seeded sample), through the evaluation transform."""
-        dataset = ImageDataset(self.source, "train", transform)
+        dataset = ImageDataset(self.source, "train", transform, decoded=decoded)
         if len(dataset) > MAX_BANK_IMAGES:
             keep = np.random.default_rng(self.config.seed).permutation(len(dataset))[:MAX_BANK_IMAGES]
             dataset = torch.utils.data.Subset(dataset, sorted(keep.tolist()))
         output, _ = predict_logits(model, eval_loader(dataset, self.config.num_workers), self.runtime)
         return split_output(output, len(self.source.class_names))[1]
 
+    def decoded_for(self, preprocessing: Preprocessing) -> dict[str, DecodedImages]:
+        """The run's decoded-image caches where they hold ``preprocessing``'s own eval resize (the same
+        pixels as decoding the files, data/decoded_cache.py), so that the passes after training read them
+        instead of decoding every val and train photo again; none where the resize differs."""
+        same = (preprocessing.resize_size, preprocessing.interpolation) == (
+            self.preprocessing.resize_size,
+            self.preprocessing.interpolation,
+        )
+        return self.decoded if same else {}
+
     def finish(self, history: list[dict], progress: dict) -> RunResult:
         """Calibrate the kept (best) model, evaluate it exactly as `resfit evaluate` would, write the reports."""
         calibration, rejection = self.calibrate()
         results = self.folder.evaluate_and_report(
-            self.source, self.runtime, calibration, rejection, self.config.num_workers
+            self.source,
+            self.runtime,
+            calibration,
+            rejection,
+            self.config.num_workers,
+            self.decoded_for(Preprocessing.from_dict(self.folder.read_meta()["preprocessing"])),
         )
         metrics = results["val"]
         seconds = time.perf_counter() - self.started
