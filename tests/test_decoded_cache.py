@@ -7,6 +7,7 @@ import os
 import pickle
 import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,22 +34,32 @@ from resfit.train import TrainConfig, train
 SHAPES = [(40, 40), (90, 30), (30, 100), (61, 23), (23, 77), (150, 41), (37, 124), (120, 40), (45, 50)]
 
 
-@pytest.fixture(scope="module")
-def varied(module_tmp):
-    """Two classes of images with varied aspect ratios, as PNG and JPEG."""
-    root = module_tmp("varied")
-    rng = np.random.default_rng(0)
-    for split, repeats in (("train", 2), ("val", 1)):
+def two_colour_images(root: Path, repeats: dict[str, int], shapes: list, seed: int = 0) -> Path:
+    """Blue and red classes: each split's shapes ``repeats[split]`` times, as PNG and JPEG in turn."""
+    rng = np.random.default_rng(seed)
+    for split, times in repeats.items():
         for label, name in enumerate(("blue", "red")):
             folder = root / split / name
             folder.mkdir(parents=True)
-            for r in range(repeats):
-                for i, (width, height) in enumerate(SHAPES):
+            for r in range(times):
+                for i, (width, height) in enumerate(shapes):
                     pixels = rng.integers(0, 120, size=(height, width, 3), dtype=np.uint8)
                     pixels[..., 2 - 2 * label] += 120
                     suffix = "jpg" if (i + r) % 2 else "png"
                     Image.fromarray(pixels).save(folder / f"{r}_{i}.{suffix}")
     return root
+
+
+@pytest.fixture(scope="module")
+def varied(module_tmp):
+    """Two classes of images with varied aspect ratios, as PNG and JPEG."""
+    return two_colour_images(module_tmp("varied"), {"train": 2, "val": 1}, SHAPES)
+
+
+def tiny_run(data: Path, out: Path, **changes) -> TrainConfig:
+    """A resnet18 from scratch at 32 px, one epoch: seconds."""
+    settings = dict(model="resnet18", weights="none", epochs=1, img_size=32, batch_size=8, num_workers=0)
+    return TrainConfig(data=str(data), out=str(out), quiet=True, **settings | changes)
 
 
 def prep_for(crop: int) -> Preprocessing:
@@ -203,20 +214,7 @@ def test_training_on_cached_images_matches_decoding(varied, tmp_path):
     runs = {}
     for mode in ("on", "off"):
         lines = []
-        config = TrainConfig(
-            data=str(varied),
-            out=str(tmp_path / mode),
-            model="resnet18",
-            weights="none",
-            epochs=1,
-            img_size=32,
-            batch_size=8,
-            num_workers=0,
-            augment="none",
-            head_stage=False,
-            decoded_cache=mode,
-            quiet=True,
-        )
+        config = tiny_run(varied, tmp_path / mode, augment="none", head_stage=False, decoded_cache=mode)
         runs[mode] = train(config, say=lines.append)
         assert sum(line.startswith("decoded-image cache: " + mode) for line in lines) == 1
     on, off = (runs[m].history[-1] for m in ("on", "off"))
@@ -227,34 +225,14 @@ def test_passes_after_training_read_the_cache_not_the_files(tmp_path, monkeypatc
     """Calibration, the "unknown" rule's feature bank and the final evaluation read the run's decoded
     images: each file is decoded twice (the duplicate check's perceptual hash, then the cache), plus the
     val mistakes drawn on the report's contact sheet, not once more per pass."""
-    rng = np.random.default_rng(1)
-    for split in ("train", "val"):
-        for label, name in enumerate(("blue", "red")):
-            folder = tmp_path / "data" / split / name
-            folder.mkdir(parents=True)
-            for i, (width, height) in enumerate(SHAPES + SHAPES[:3]):  # 12 a class: 24 val photos
-                pixels = rng.integers(0, 120, size=(height, width, 3), dtype=np.uint8)
-                pixels[..., 2 - 2 * label] += 120
-                Image.fromarray(pixels).save(folder / f"{i}.png")
+    data = two_colour_images(tmp_path / "data", {"train": 1, "val": 1}, SHAPES + SHAPES[:3], seed=1)
     reads: list[str] = []
     read = DatasetSource.read
     monkeypatch.setattr(DatasetSource, "read", lambda self, item: reads.append(item) or read(self, item))
     lines: list[str] = []
-    config = TrainConfig(
-        data=str(tmp_path / "data"),
-        out=str(tmp_path / "run"),
-        model="resnet18",
-        weights="none",
-        epochs=1,
-        img_size=32,
-        batch_size=8,
-        num_workers=0,
-        decoded_cache="on",
-        reject_score="knn",
-        quiet=True,
-    )
+    config = tiny_run(data, tmp_path / "run", decoded_cache="on", reject_score="knn")
     train(config, say=lines.append)
     assert any("below knn" in line for line in lines), lines  # the knn rule: its bank was made
     mistakes = json.loads((tmp_path / "run" / "misclassified.json").read_text())
-    files = 2 * 2 * 12
+    files = 2 * 2 * 12  # 2 splits x 2 classes x 12 photos: 24 val photos, enough for an "unknown" rule
     assert len(reads) <= 2 * files + len(mistakes), (len(reads), files, len(mistakes))
