@@ -7,6 +7,7 @@ import os
 import pickle
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from resfit.data.decoded_cache import (
     LONG_SIDE_CAP,
     _evict,
     decoded_caches,
+    holding,
     open_decoded,
 )
 from resfit.data.scan import default_cache_dir
@@ -100,6 +102,17 @@ def test_eval_transform_on_cached_equals_on_original(varied, tmp_path, crop):
         for i in range(len(plain)):
             assert torch.equal(plain[i][0], cached[i][0]), (split, i)
             assert plain[i][1] == cached[i][1]
+
+
+def test_a_cache_serves_only_the_resize_it_holds(varied, tmp_path):
+    """A pass at another eval resize or interpolation decodes its files: the cache's pixels would not be its."""
+    source = discover(varied)
+    prep = prep_for(32)
+    cache, _ = open_decoded(source, "val", prep.resize_size, prep.interpolation, root=tmp_path)
+    assert holding({"val": cache}, prep) == {"val": cache}
+    assert holding({"val": cache}, prep_for(48)) == {}
+    other = next(name for name in INTERPOLATIONS if name != prep.interpolation)
+    assert holding({"val": cache}, replace(prep, interpolation=other)) == {}
 
 
 def test_reused_then_rebuilt_when_a_file_changes(varied, tmp_path):

@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .calibration import calibration_scores
+from .data.decoded_cache import holding
 from .data.scan import REPORT_FILE, DataReport, load_dataset
 from .data.sources import discover
 from .data.splits import SPLIT_SEED, VAL_FRACTION, DatasetSource
@@ -522,13 +523,15 @@ class RunFolder:
         where the data has one, and write each split's reports; val's metrics also get the temperature fit
         and the "unknown" rule's figures. Returns the metrics per split.
 
-        ``decoded``: splits already decoded at this model's eval resize (training's cache: the same pixels)."""
+        ``decoded``: training's decoded-image caches; a split's is read instead of its files where it holds
+        this model's eval resize (the same pixels, data/decoded_cache.py)."""
         meta = self.read_meta()
         # with the run's test-time augmentation, if it has one, and the features its "unknown" rule needs
         model, meta = self.load_model(features=needs_features(meta.get("reject")))
         model.to(runtime.device, memory_format=torch.channels_last)
         preprocessing = Preprocessing.from_dict(meta["preprocessing"])
         rule = self.reject_rule(meta)
+        decoded = holding(decoded or {}, preprocessing)
         results = {}
         for split in [split for split in SPLITS if split in source.splits]:
             metrics, probs = evaluate_split(
@@ -539,7 +542,7 @@ class RunFolder:
                 runtime,
                 num_workers,
                 reject=rule if split != "val" else None,
-                decoded=(decoded or {}).get(split),
+                decoded=decoded.get(split),
             )
             metrics["calibration"] = calibration_scores(probs, np.asarray(source.splits[split].labels))
             if split == "val":

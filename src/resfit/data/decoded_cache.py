@@ -30,7 +30,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -65,10 +65,11 @@ class DecodedImages:
     a forked one inherits the mapping.
     """
 
-    def __init__(self, data_path: Path, index: np.ndarray, short_side: int):
+    def __init__(self, data_path: Path, index: np.ndarray, short_side: int, interpolation: str):
         self.data_path = Path(data_path)
         self.index = index
         self.short_side = short_side
+        self.interpolation = interpolation
         self._pixels: np.ndarray | None = None
 
     def __len__(self) -> int:
@@ -157,7 +158,7 @@ def open_decoded(
     key = decoded_key(content, short_side, interpolation, source.max_pixels)
     folder = Path(root) if root is not None else default_cache_dir() / "decoded"
     data_path, index_path = folder / f"{key}.u8", folder / f"{key}.index.npy"
-    cached = _load(data_path, index_path, len(items), short_side)
+    cached = _load(data_path, index_path, len(items), short_side, interpolation)
     if cached is not None:
         if cached.nbytes > budget_bytes:
             return None, f"{split} takes {_size(cached.nbytes)}, over the {_size(budget_bytes)} budget"
@@ -166,7 +167,7 @@ def open_decoded(
     index = _build(source, split, short_side, interpolation, budget_bytes, data_path, progress)
     if index is None:
         return None, f"{split} would exceed the {_size(budget_bytes)} budget"
-    built = DecodedImages(data_path, index, short_side)
+    built = DecodedImages(data_path, index, short_side, interpolation)
     if built.nbytes == 0:
         data_path.unlink(missing_ok=True)
         return None, f"no image of {split} could be read"
@@ -212,6 +213,15 @@ def decoded_caches(
     state = "on" if caches else "not used"
     say(f"decoded-image cache: {state}, {preprocessing.resize_size} px short side: {'; '.join(words)}")
     return caches
+
+
+def holding(caches: Mapping[str, DecodedImages], preprocessing: Preprocessing) -> dict[str, DecodedImages]:
+    """The caches whose images are ``preprocessing``'s own eval resize, so that its eval transform gives
+    exactly what it gives on the files; a cache built at another size or interpolation is left out."""
+    wanted = (preprocessing.resize_size, preprocessing.interpolation)
+    return {
+        split: cache for split, cache in caches.items() if (cache.short_side, cache.interpolation) == wanted
+    }
 
 
 def _why_not(source: DatasetSource, preprocessing: Preprocessing, mode: str) -> str | None:
@@ -291,7 +301,9 @@ def _save_index(tmp: str, index: np.ndarray) -> None:
         np.save(handle, index, allow_pickle=False)
 
 
-def _load(data_path: Path, index_path: Path, count: int, short_side: int) -> DecodedImages | None:
+def _load(
+    data_path: Path, index_path: Path, count: int, short_side: int, interpolation: str
+) -> DecodedImages | None:
     """The cache at these paths if it is complete and consistent, else None (it will be rebuilt)."""
     try:
         index = np.load(index_path, allow_pickle=False)
@@ -304,7 +316,7 @@ def _load(data_path: Path, index_path: Path, count: int, short_side: int) -> Dec
         os.utime(index_path)  # used now: the last to be evicted
     except OSError:
         pass
-    return DecodedImages(data_path, index, short_side)
+    return DecodedImages(data_path, index, short_side, interpolation)
 
 
 def _evict(folder: Path, limit_bytes: int) -> None:

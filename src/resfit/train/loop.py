@@ -23,7 +23,7 @@ from tqdm import tqdm
 from ..batched_inference import eval_loader, predict_logits
 from ..calibration import calibrate_run
 from ..data.dataset import ImageDataset
-from ..data.decoded_cache import DecodedImages, decoded_caches
+from ..data.decoded_cache import DecodedImages, decoded_caches, holding
 from ..data.duplicates import hash_duplicates, warning_line
 from ..data.feature_cache import FeatureCache, content_fingerprint, feature_key, weights_fingerprint
 from ..data.scan import load_dataset
@@ -713,7 +713,7 @@ class Trainer:
         model, meta = self.folder.load_model(calibrated=False, features=wants_features)
         model.to(self.runtime.device, memory_format=torch.channels_last)
         preprocessing = Preprocessing.from_dict(meta["preprocessing"])
-        transform, decoded = preprocessing.eval_transform(), self.decoded_for(preprocessing)
+        transform, decoded = preprocessing.eval_transform(), holding(self.decoded, preprocessing)
         val = ImageDataset(self.source, "val", transform, decoded=decoded.get("val"))
         output, labels = predict_logits(model, eval_loader(val, self.config.num_workers), self.runtime)
         raw, features = split_output(output, len(self.source.class_names))
@@ -734,16 +734,6 @@ class Trainer:
         output, _ = predict_logits(model, eval_loader(dataset, self.config.num_workers), self.runtime)
         return split_output(output, len(self.source.class_names))[1]
 
-    def decoded_for(self, preprocessing: Preprocessing) -> dict[str, DecodedImages]:
-        """The run's decoded-image caches where they hold ``preprocessing``'s own eval resize (the same
-        pixels as decoding the files, data/decoded_cache.py), so that the passes after training read them
-        instead of decoding every val and train photo again; none where the resize differs."""
-        same = (preprocessing.resize_size, preprocessing.interpolation) == (
-            self.preprocessing.resize_size,
-            self.preprocessing.interpolation,
-        )
-        return self.decoded if same else {}
-
     def finish(self, history: list[dict], progress: dict) -> RunResult:
         """Calibrate the kept (best) model, evaluate it exactly as `resfit evaluate` would, write the reports."""
         calibration, rejection = self.calibrate()
@@ -753,7 +743,7 @@ class Trainer:
             calibration,
             rejection,
             self.config.num_workers,
-            self.decoded_for(Preprocessing.from_dict(self.folder.read_meta()["preprocessing"])),
+            self.decoded,
         )
         metrics = results["val"]
         seconds = time.perf_counter() - self.started
