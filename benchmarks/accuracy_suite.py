@@ -133,6 +133,19 @@ RECIPES = {
         {"frozen_blocks": 3},
         "the default with layer2 left as the source's too (no backward through stem, layer1, layer2)",
     ),
+    # Issue #12's dip below the probe: which part of fine-tuning causes it (screened with --epochs 1).
+    "resfit-head-only": Recipe(
+        "resfit",
+        {"frozen_blocks": 5},
+        "fine-tuning trains the head alone (every backbone block left as the source's), on augmented crops",
+    ),
+    "resfit-lr1e-4": Recipe("resfit", {"lr": 1e-4}, "the default with a 10x smaller fine-tuning lr"),
+    "resfit-warmup3": Recipe(
+        "resfit", {"warmup_epochs": 3.0}, "the default with 3 epochs of lr warm-up (not 1)"
+    ),
+    "resfit-crop0.8": Recipe(
+        "resfit", {"min_crop_scale": 0.8}, "the default with milder crops (each keeps at least 80%, not 35%)"
+    ),
 }
 REFERENCE = "resfit"  # paired differences are every other recipe against this one (and probe vs probe)
 EXTRA_PAIRS = [("resfit-probe", "sklearn-probe")]
