@@ -1004,6 +1004,15 @@ def run_suite(args: argparse.Namespace) -> None:
             "status": "running",
             "rows": [],
         }
+    if args.reuse_rows and not args.resume:
+        payload["rows"] = reused_rows(Path(args.reuse_rows), payload["settings"], args.reuse_recipes)
+        payload["reused_rows_from"] = {
+            "file": args.reuse_rows,
+            "recipes": args.reuse_recipes.split(","),
+            "rows": len(payload["rows"]),
+            "commit": json.loads(Path(args.reuse_rows).read_text()).get("commit"),
+        }
+        print(f"reusing {len(payload['rows'])} fold runs of {args.reuse_recipes} from {args.reuse_rows}")
     payload.setdefault("warm_up_s", []).append(warm_up(settings, batch_size))
     done = {(r["dataset"], r["repeat"], r["fold"], r["recipe"]) for r in payload["rows"] if "test_acc" in r}
     print(f"writing {out}", flush=True)
@@ -1054,6 +1063,48 @@ def run_suite(args: argparse.Namespace) -> None:
     atomic_write_json(out, payload)
     print("\n" + payload["table"])
     print(f"wrote {out}")
+
+
+# Settings that decide a fold run's result: rows of another suite file are reused only where all agree.
+SETTINGS_THAT_DECIDE = (
+    "model",
+    "weights",
+    "epochs",
+    "img_size",
+    "batch_size",
+    "folds",
+    "datasets",
+    "flowers_per_class",
+)
+
+
+def reused_rows(path: Path, settings: dict, recipes: str) -> list[dict]:
+    """Finished fold runs of ``recipes`` from an earlier suite file with the same deciding settings.
+
+    For adding one recipe to recipes already run: on one machine the suite is deterministic (the same fold
+    run gives the same val losses to the last digit across commits that leave training alone; check it on a
+    short run first), so the earlier runs are the ones this suite would make, at half the time. Their own
+    commit and machine stay in the file (``reused_rows_from``); their wall times are not side by side.
+    """
+    earlier = json.loads(path.read_text())
+    differ = [k for k in SETTINGS_THAT_DECIDE if earlier["settings"].get(k) != settings.get(k)]
+    if differ:
+        raise SystemExit(
+            f"{path} was run with other settings ({', '.join(differ)}): its rows cannot be reused"
+        )
+    wanted = set(recipes.split(","))
+    missing = wanted - set(settings["recipes"])
+    if missing:
+        raise SystemExit(f"--reuse-recipes {sorted(missing)} are not among this suite's --recipes")
+    first, last = settings["first_repeat"], settings["first_repeat"] + settings["repeats"]
+    rows = [
+        {**row, "reused_from": str(path)}
+        for row in earlier["rows"]
+        if row["recipe"] in wanted and "test_acc" in row and first <= row["repeat"] < last
+    ]
+    if not rows:
+        raise SystemExit(f"{path} has no finished fold runs of {recipes} for these repeats")
+    return rows
 
 
 def warm_up(settings: Settings, batch_size: int) -> float:
@@ -1145,6 +1196,16 @@ def main() -> None:
     parser.add_argument("--weights", help="default ../shared/weights/<model>-imagenette.pth")
     parser.add_argument("--out", help="result JSON (default benchmarks/results/accuracy_suite-...json)")
     parser.add_argument("--resume", help="continue an interrupted suite from its JSON (same settings)")
+    parser.add_argument(
+        "--reuse-rows",
+        metavar="JSON",
+        help="start from the finished fold runs of --reuse-recipes in an earlier suite file of the same settings",
+    )
+    parser.add_argument(
+        "--reuse-recipes",
+        default="resfit",
+        help="recipes whose fold runs --reuse-rows takes (default resfit)",
+    )
     parser.add_argument(
         "--machine-note", default="", help="recorded with the machine, e.g. 'machine was shared'"
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import sys
 from collections import Counter
@@ -154,3 +155,22 @@ def test_summary_reports_how_far_fine_tuning_falls_below_its_probe():
     assert dip["first_epoch_mean"] == pytest.approx(5.5)
     assert "fine_tuning_dip" not in recipes["resfit-probe"]  # no fine-tuning epoch, nothing to report
     assert "| resfit | 2 | 5.5, 10.0 | 5.5 | 1 |" in suite.markdown_tables(suite.summarize(rows))
+
+
+def test_reused_rows_take_only_the_named_recipes_and_repeats_of_the_same_settings(tmp_path):
+    settings = {
+        **{key: 1 for key in suite.SETTINGS_THAT_DECIDE},
+        "recipes": {"resfit": {}, "resfit-lr1e-4": {}},
+        "first_repeat": 0,
+        "repeats": 1,
+    }
+    rows = [fake_row("resfit", 0, [1, 0], 1.0), fake_row("resfit-frozen3", 0, [1, 1], 1.0)]
+    rows.append({**fake_row("resfit", 1, [0, 0], 1.0), "repeat": 1})  # a repeat this suite does not run
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps({"settings": settings, "rows": rows, "commit": "abc"}))
+    reused = suite.reused_rows(earlier, settings, "resfit")
+    assert [(r["recipe"], r["repeat"], r["reused_from"]) for r in reused] == [("resfit", 0, str(earlier))]
+    with pytest.raises(SystemExit, match="epochs"):
+        suite.reused_rows(earlier, {**settings, "epochs": 6}, "resfit")
+    with pytest.raises(SystemExit, match="not among"):
+        suite.reused_rows(earlier, settings, "resfit-frozen3")
