@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
+import pytest
+from conftest import _write_learnable_images
 
 from resfit.data.feature_cache import FeatureCache, content_fingerprint, feature_key, weights_fingerprint
 from resfit.data.sources import discover
 from resfit.models import build_model
-from resfit.train import TrainConfig, train
+from resfit.train import TrainConfig, loop, train
 
 
 def test_key_changes_with_weights_preprocessing_precision_and_content(tiny_imagefolder, tmp_path):
@@ -60,3 +63,33 @@ def test_second_run_reuses_features_with_the_same_result(tiny_imagefolder, tmp_p
     )
     assert sum("from the cache" in line for line in lines) == 2  # train and val
     assert first.metrics == second.metrics
+
+
+def test_a_kept_head_stage_is_calibrated_from_its_cached_features(tmp_path, monkeypatch):
+    """--epochs 0 keeps the head stage's model: calibration and the knn rule's bank read the features the
+    head stage cached instead of running the network over val and train again, with the same result."""
+    data = tmp_path / "data"
+    _write_learnable_images(data / "train", per_class=12, size=40, seed=0)
+    _write_learnable_images(data / "val", per_class=12, size=40, seed=1)  # 24: enough for a rule
+    settings = dict(model="resnet18", weights="none", epochs=0, img_size=32, batch_size=8, num_workers=0)
+    settings |= dict(quiet=True, reject_score="knn")
+    passes: list[int] = []
+    real_pass = loop.predict_logits
+    monkeypatch.setattr(loop, "predict_logits", lambda *a, **k: passes.append(1) or real_pass(*a, **k))
+    results, said = {}, {}
+    for cached in (False, True):
+        lines: list[str] = []
+        config = TrainConfig(
+            data=str(data), out=str(tmp_path / f"run{cached}"), feature_cache=cached, **settings
+        )
+        passes.clear()
+        results[cached] = (train(config, say=lines.append), len(passes))
+        said[cached] = lines
+    assert results[False][1] == 2 and results[True][1] == 0  # val for calibration, train for the bank
+    assert any("cached features are read again" in line for line in said[True])
+    assert not any("cached features are read again" in line for line in said[False])
+    meta = {c: json.loads((tmp_path / f"run{c}" / "model.json").read_text()) for c in (False, True)}
+    assert meta[True]["temperature"] == pytest.approx(meta[False]["temperature"], rel=1e-4)
+    assert meta[True]["reject"]["score"] == meta[False]["reject"]["score"] == "knn"
+    assert meta[True]["reject"]["threshold"] == pytest.approx(meta[False]["reject"]["threshold"], abs=1e-4)
+    assert results[True][0].metrics["accuracy"] == results[False][0].metrics["accuracy"]

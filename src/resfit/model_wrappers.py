@@ -165,6 +165,9 @@ class WithFeatures(nn.Module):
             raise ConfigError("feature scores need a single network with an fc head (not an ensemble or TTA)")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        features = forward_features(self.network, images)
+        return self.from_features(forward_features(self.network, images))
+
+    def from_features(self, features: torch.Tensor) -> torch.Tensor:
+        """The output for pooled features already computed (the head stage's cached ones)."""
         logits = self.network.fc(features) / self.temperature
         return torch.cat([logits, nn.functional.normalize(features.float(), dim=1).to(logits.dtype)], dim=1)

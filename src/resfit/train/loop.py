@@ -44,6 +44,7 @@ from ..distributed import (
 from ..errors import ConfigError, RunFolderError, StorageError
 from ..hardware import apply_device, pin_memory, resolve_runtime
 from ..metrics import format_metrics_table
+from ..model_wrappers import WithFeatures
 from ..models import (
     apply_pretrained,
     build_model,
@@ -169,6 +170,7 @@ class Trainer:
         self.started = time.perf_counter()
         self.dist = DistContext()
         self._weights_fingerprint: str | None = None
+        self._content_fingerprints: dict[str, str] = {}  # per split, for the feature cache's keys
         self.ema = None  # --ema: the averaged copy that is validated and kept
         self.frozen_modules: list[nn.Module] = []  # --frozen-blocks, set with the optimizer
         self.scaler: torch.amp.GradScaler | None = (
@@ -335,7 +337,7 @@ class Trainer:
         if not self.dist.enabled and self.config.feature_cache:
             if self._weights_fingerprint is None:
                 self._weights_fingerprint = weights_fingerprint(self.model)
-            content = content_fingerprint(self.source, split)
+            content = self._content_fingerprint(split)
             key = feature_key(
                 self._weights_fingerprint, self.preprocessing.to_dict(), self.runtime.precision, content
             )
@@ -347,6 +349,42 @@ class Trainer:
         if key is not None:
             FeatureCache().put(key, features, labels)
         return features, labels
+
+    def _content_fingerprint(self, split: str) -> str:
+        """The feature cache's hash of a split's files, read once per run (the head stage, then calibration)."""
+        if split not in self._content_fingerprints:
+            self._content_fingerprints[split] = content_fingerprint(self.source, split)
+        return self._content_fingerprints[split]
+
+    def _kept_outputs_from_cache(
+        self, model: nn.Module, split: str, preprocessing: Preprocessing, indices: list[int] | None = None
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """The kept model's outputs on a split (or its ``indices``) computed from the feature cache, without a
+        pass over the photos, where its backbone is the one the head stage saw: a run with --epochs 0, or
+        one whose fine-tuning never beat the probe (the head stage's model was kept). None otherwise.
+
+        The same numbers as a pass over the photos up to float rounding: the head stage's features are the
+        source backbone's on the same evaluation pixels, in the same precision."""
+        network = model.network if isinstance(model, WithFeatures) else model
+        if self.dist.enabled or not self.config.feature_cache or not hasattr(network, "fc"):
+            return None
+        key = feature_key(
+            weights_fingerprint(network),
+            preprocessing.to_dict(),
+            self.runtime.precision,
+            self._content_fingerprint(split),
+        )
+        cached = FeatureCache().get(key)
+        if cached is None:
+            return None
+        features, labels = cached
+        if indices is not None:
+            features, labels = features[indices], labels[indices]
+        head = model.from_features if isinstance(model, WithFeatures) else network.fc
+        device = next(network.fc.parameters()).device
+        with torch.no_grad():
+            output = head(torch.from_numpy(features).to(device)).float().cpu().numpy()
+        return output, labels
 
     def _extract_features(self, split: str, progress: bool) -> tuple[np.ndarray, np.ndarray]:
         indices = self._shard(split)
@@ -714,24 +752,42 @@ class Trainer:
         model.to(self.runtime.device, memory_format=torch.channels_last)
         preprocessing = Preprocessing.from_dict(meta["preprocessing"])
         transform, decoded = preprocessing.eval_transform(), holding(self.decoded, preprocessing)
-        val = ImageDataset(self.source, "val", transform, decoded=decoded.get("val"))
-        output, labels = predict_logits(model, eval_loader(val, self.config.num_workers), self.runtime)
+        from_cache = self._kept_outputs_from_cache(model, "val", preprocessing)
+        if from_cache is not None:
+            self.say("calibration: the head stage's model was kept, so its cached features are read again")
+            output, labels = from_cache
+        else:
+            val = ImageDataset(self.source, "val", transform, decoded=decoded.get("val"))
+            output, labels = predict_logits(model, eval_loader(val, self.config.num_workers), self.runtime)
         raw, features = split_output(output, len(self.source.class_names))
         fit = calibrate_run(self.folder, raw, labels, self.say)
-        bank = self.feature_bank(model, transform, decoded.get("train")) if wants_features else None
+        bank = (
+            self.feature_bank(model, transform, decoded.get("train"), preprocessing)
+            if wants_features
+            else None
+        )
         logits = raw / fit["temperature"]
         return fit, choose_and_store_rule(
             self.folder, logits, labels, target, score, self.say, features, bank
         )
 
-    def feature_bank(self, model: nn.Module, transform, decoded: DecodedImages | None) -> np.ndarray:
+    def feature_bank(
+        self, model: nn.Module, transform, decoded: DecodedImages | None, preprocessing: Preprocessing
+    ) -> np.ndarray:
         """The knn rule's bank: the kept model's normalised pooled features of at most MAX_BANK_IMAGES
         training photos (a seeded sample), through the evaluation transform."""
         dataset = ImageDataset(self.source, "train", transform, decoded=decoded)
+        keep = None
         if len(dataset) > MAX_BANK_IMAGES:
-            keep = np.random.default_rng(self.config.seed).permutation(len(dataset))[:MAX_BANK_IMAGES]
-            dataset = torch.utils.data.Subset(dataset, sorted(keep.tolist()))
-        output, _ = predict_logits(model, eval_loader(dataset, self.config.num_workers), self.runtime)
+            sample = np.random.default_rng(self.config.seed).permutation(len(dataset))[:MAX_BANK_IMAGES]
+            keep = sorted(sample.tolist())
+        from_cache = self._kept_outputs_from_cache(model, "train", preprocessing, keep)
+        if from_cache is not None:
+            output = from_cache[0]
+        else:
+            if keep is not None:
+                dataset = torch.utils.data.Subset(dataset, keep)
+            output, _ = predict_logits(model, eval_loader(dataset, self.config.num_workers), self.runtime)
         return split_output(output, len(self.source.class_names))[1]
 
     def finish(self, history: list[dict], progress: dict) -> RunResult:
