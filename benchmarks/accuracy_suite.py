@@ -143,6 +143,11 @@ RECIPES = {
     "resfit-warmup3": Recipe(
         "resfit", {"warmup_epochs": 3.0}, "the default with 3 epochs of lr warm-up (not 1)"
     ),
+    "resfit-ld0.1": Recipe(
+        "resfit",
+        {"layer_decay": 0.1},
+        "LP-FT's split: the head keeps lr 1e-3, the backbone's falls 10x per block (layer4 1e-4, layer3 1e-5)",
+    ),
     "resfit-crop0.8": Recipe(
         "resfit", {"min_crop_scale": 0.8}, "the default with milder crops (each keeps at least 80%, not 35%)"
     ),
