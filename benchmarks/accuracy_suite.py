@@ -1010,12 +1010,12 @@ def run_suite(args: argparse.Namespace) -> None:
             "rows": [],
         }
     if args.reuse_rows and not args.resume:
-        payload["rows"] = reused_rows(Path(args.reuse_rows), payload["settings"], args.reuse_recipes)
+        payload["rows"], commit = reused_rows(Path(args.reuse_rows), payload["settings"], args.reuse_recipes)
         payload["reused_rows_from"] = {
             "file": args.reuse_rows,
             "recipes": args.reuse_recipes.split(","),
             "rows": len(payload["rows"]),
-            "commit": json.loads(Path(args.reuse_rows).read_text()).get("commit"),
+            "commit": commit,
         }
         print(f"reusing {len(payload['rows'])} fold runs of {args.reuse_recipes} from {args.reuse_rows}")
     payload.setdefault("warm_up_s", []).append(warm_up(settings, batch_size))
@@ -1083,16 +1083,21 @@ SETTINGS_THAT_DECIDE = (
 )
 
 
-def reused_rows(path: Path, settings: dict, recipes: str) -> list[dict]:
-    """Finished fold runs of ``recipes`` from an earlier suite file with the same deciding settings.
+def reused_rows(path: Path, settings: dict, recipes: str) -> tuple[list[dict], str | None]:
+    """Finished fold runs of ``recipes`` from an earlier suite file with the same deciding settings, and
+    the commit that file was run at.
 
     For adding one recipe to recipes already run: on one machine the suite is deterministic (the same fold
     run gives the same val losses to the last digit across commits that leave training alone; check it on a
     short run first), so the earlier runs are the ones this suite would make, at half the time. Their own
     commit and machine stay in the file (``reused_rows_from``); their wall times are not side by side.
     """
-    earlier = json.loads(path.read_text())
-    differ = [k for k in SETTINGS_THAT_DECIDE if earlier["settings"].get(k) != settings.get(k)]
+    try:
+        earlier = json.loads(path.read_text())
+        earlier_settings, earlier_rows = earlier["settings"], earlier["rows"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise SystemExit(f"{path} is not a readable suite result file: {error!r}") from None
+    differ = [k for k in SETTINGS_THAT_DECIDE if earlier_settings.get(k) != settings.get(k)]
     if differ:
         raise SystemExit(
             f"{path} was run with other settings ({', '.join(differ)}): its rows cannot be reused"
@@ -1104,12 +1109,12 @@ def reused_rows(path: Path, settings: dict, recipes: str) -> list[dict]:
     first, last = settings["first_repeat"], settings["first_repeat"] + settings["repeats"]
     rows = [
         {**row, "reused_from": str(path)}
-        for row in earlier["rows"]
-        if row["recipe"] in wanted and "test_acc" in row and first <= row["repeat"] < last
+        for row in earlier_rows
+        if row.get("recipe") in wanted and "test_acc" in row and first <= row.get("repeat", -1) < last
     ]
     if not rows:
         raise SystemExit(f"{path} has no finished fold runs of {recipes} for these repeats")
-    return rows
+    return rows, earlier.get("commit")
 
 
 def warm_up(settings: Settings, batch_size: int) -> float:

@@ -168,9 +168,14 @@ def test_reused_rows_take_only_the_named_recipes_and_repeats_of_the_same_setting
     rows.append({**fake_row("resfit", 1, [0, 0], 1.0), "repeat": 1})  # a repeat this suite does not run
     earlier = tmp_path / "earlier.json"
     earlier.write_text(json.dumps({"settings": settings, "rows": rows, "commit": "abc"}))
-    reused = suite.reused_rows(earlier, settings, "resfit")
+    reused, commit = suite.reused_rows(earlier, settings, "resfit")
     assert [(r["recipe"], r["repeat"], r["reused_from"]) for r in reused] == [("resfit", 0, str(earlier))]
+    assert commit == "abc"
     with pytest.raises(SystemExit, match="epochs"):
         suite.reused_rows(earlier, {**settings, "epochs": 6}, "resfit")
     with pytest.raises(SystemExit, match="not among"):
         suite.reused_rows(earlier, settings, "resfit-frozen3")
+    for broken in ("", '{"settings": {}', "[1, 2]", '{"rows": []}'):  # empty, truncated, wrong type
+        earlier.write_text(broken)
+        with pytest.raises(SystemExit, match="not a readable suite result file"):
+            suite.reused_rows(earlier, settings, "resfit")

@@ -170,7 +170,7 @@ class Trainer:
         self.started = time.perf_counter()
         self.dist = DistContext()
         self._weights_fingerprint: str | None = None
-        self._content_fingerprints: dict[str, str] = {}  # per split, for the feature cache's keys
+        self._content_fingerprints: dict[str, str] = {}  # per split: _feature_key hashes its files once
         self.ema = None  # --ema: the averaged copy that is validated and kept
         self.frozen_modules: list[nn.Module] = []  # --frozen-blocks, set with the optimizer
         self.scaler: torch.amp.GradScaler | None = (
@@ -337,10 +337,7 @@ class Trainer:
         if not self.dist.enabled and self.config.feature_cache:
             if self._weights_fingerprint is None:
                 self._weights_fingerprint = weights_fingerprint(self.model)
-            content = self._content_fingerprint(split)
-            key = feature_key(
-                self._weights_fingerprint, self.preprocessing.to_dict(), self.runtime.precision, content
-            )
+            key = self._feature_key(self._weights_fingerprint, self.preprocessing, split)
             cached = FeatureCache().get(key)
             if cached is not None:
                 self.say(f"features of {split}: from the cache")
@@ -350,41 +347,46 @@ class Trainer:
             FeatureCache().put(key, features, labels)
         return features, labels
 
-    def _content_fingerprint(self, split: str) -> str:
-        """The feature cache's hash of a split's files, read once per run (the head stage, then calibration)."""
+    def _feature_key(self, weights: str, preprocessing: Preprocessing, split: str) -> str:
+        """The feature cache's key for a backbone's features of a split; the split's files are hashed once
+        per run (the head stage, then calibration)."""
         if split not in self._content_fingerprints:
             self._content_fingerprints[split] = content_fingerprint(self.source, split)
-        return self._content_fingerprints[split]
+        return feature_key(
+            weights, preprocessing.to_dict(), self.runtime.precision, self._content_fingerprints[split]
+        )
 
-    def _kept_outputs_from_cache(
-        self, model: nn.Module, split: str, preprocessing: Preprocessing, indices: list[int] | None = None
-    ) -> tuple[np.ndarray, np.ndarray] | None:
-        """The kept model's outputs on a split (or its ``indices``) computed from the feature cache, without a
-        pass over the photos, where its backbone is the one the head stage saw: a run with --epochs 0, or
-        one whose fine-tuning never beat the probe (the head stage's model was kept). None otherwise.
+    def _outputs_from_feature_cache(
+        self, model: nn.Module, preprocessing: Preprocessing
+    ) -> Callable[[str, list[int] | None], np.ndarray | None] | None:
+        """The kept model's outputs on a split (or its rows ``indices``) computed from the feature cache,
+        without a pass over the photos, where its backbone is one whose features the cache holds: a run with
+        --epochs 0, or one whose fine-tuning never beat the probe (the head stage's model was kept).
 
+        None where it cannot be (distributed, --no-feature-cache, no single fc head); the function returns
+        None for a split the cache does not hold. The backbone is hashed once here (it reads every weight).
         The same numbers as a pass over the photos up to float rounding: the head stage's features are the
         source backbone's on the same evaluation pixels, in the same precision."""
         network = model.network if isinstance(model, WithFeatures) else model
         if self.dist.enabled or not self.config.feature_cache or not hasattr(network, "fc"):
             return None
-        key = feature_key(
-            weights_fingerprint(network),
-            preprocessing.to_dict(),
-            self.runtime.precision,
-            self._content_fingerprint(split),
-        )
-        cached = FeatureCache().get(key)
-        if cached is None:
-            return None
-        features, labels = cached
-        if indices is not None:
-            features, labels = features[indices], labels[indices]
+        weights = weights_fingerprint(network)
         head = model.from_features if isinstance(model, WithFeatures) else network.fc
         device = next(network.fc.parameters()).device
-        with torch.no_grad():
-            output = head(torch.from_numpy(features).to(device)).float().cpu().numpy()
-        return output, labels
+
+        def outputs(split: str, indices: list[int] | None = None) -> np.ndarray | None:
+            cached = FeatureCache().get(self._feature_key(weights, preprocessing, split))
+            if cached is None:
+                return None
+            features = cached[0]
+            if features.shape != (len(self.source.splits[split].labels), network.fc.in_features):
+                return None  # not this split's features after all: the pass over the photos decides
+            if indices is not None:
+                features = features[indices]
+            with torch.no_grad():
+                return head(torch.from_numpy(features).to(device)).float().cpu().numpy()
+
+        return outputs
 
     def _extract_features(self, split: str, progress: bool) -> tuple[np.ndarray, np.ndarray]:
         indices = self._shard(split)
@@ -752,19 +754,18 @@ class Trainer:
         model.to(self.runtime.device, memory_format=torch.channels_last)
         preprocessing = Preprocessing.from_dict(meta["preprocessing"])
         transform, decoded = preprocessing.eval_transform(), holding(self.decoded, preprocessing)
-        from_cache = self._kept_outputs_from_cache(model, "val", preprocessing)
-        if from_cache is not None:
+        from_cache = self._outputs_from_feature_cache(model, preprocessing)
+        output = from_cache("val") if from_cache else None
+        if output is not None:
             self.say("calibration: the head stage's model was kept, so its cached features are read again")
-            output, labels = from_cache
+            labels = np.asarray(self.source.splits["val"].labels)
         else:
             val = ImageDataset(self.source, "val", transform, decoded=decoded.get("val"))
             output, labels = predict_logits(model, eval_loader(val, self.config.num_workers), self.runtime)
         raw, features = split_output(output, len(self.source.class_names))
         fit = calibrate_run(self.folder, raw, labels, self.say)
         bank = (
-            self.feature_bank(model, transform, decoded.get("train"), preprocessing)
-            if wants_features
-            else None
+            self.feature_bank(model, transform, decoded.get("train"), from_cache) if wants_features else None
         )
         logits = raw / fit["temperature"]
         return fit, choose_and_store_rule(
@@ -772,19 +773,18 @@ class Trainer:
         )
 
     def feature_bank(
-        self, model: nn.Module, transform, decoded: DecodedImages | None, preprocessing: Preprocessing
+        self, model: nn.Module, transform, decoded: DecodedImages | None, from_cache=None
     ) -> np.ndarray:
         """The knn rule's bank: the kept model's normalised pooled features of at most MAX_BANK_IMAGES
-        training photos (a seeded sample), through the evaluation transform."""
+        training photos (a seeded sample), through the evaluation transform (or from the feature cache:
+        ``from_cache``, _outputs_from_feature_cache's function)."""
         dataset = ImageDataset(self.source, "train", transform, decoded=decoded)
         keep = None
         if len(dataset) > MAX_BANK_IMAGES:
             sample = np.random.default_rng(self.config.seed).permutation(len(dataset))[:MAX_BANK_IMAGES]
             keep = sorted(sample.tolist())
-        from_cache = self._kept_outputs_from_cache(model, "train", preprocessing, keep)
-        if from_cache is not None:
-            output = from_cache[0]
-        else:
+        output = from_cache("train", keep) if from_cache else None
+        if output is None:
             if keep is not None:
                 dataset = torch.utils.data.Subset(dataset, keep)
             output, _ = predict_logits(model, eval_loader(dataset, self.config.num_workers), self.runtime)
