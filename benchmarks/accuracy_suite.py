@@ -151,6 +151,12 @@ RECIPES = {
     "resfit-crop0.8": Recipe(
         "resfit", {"min_crop_scale": 0.8}, "the default with milder crops (each keeps at least 80%, not 35%)"
     ),
+    # The dip is the backbone's weights moving at peak lr: an EMA of the weights (half-life one epoch,
+    # starting at the head stage's) is what is validated and kept, so each epoch's step noise is averaged out.
+    "resfit-ema": Recipe("resfit", {"ema": True}, "the default, validating and keeping an EMA of the weights"),
+    "resfit-lr1e-4-ema": Recipe(
+        "resfit", {"lr": 1e-4, "ema": True}, "a 10x smaller lr, validating and keeping an EMA of the weights"
+    ),
 }
 REFERENCE = "resfit"  # paired differences are every other recipe against this one (and probe vs probe)
 EXTRA_PAIRS = [("resfit-probe", "sklearn-probe")]
