@@ -153,8 +153,13 @@ def test_summary_reports_how_far_fine_tuning_falls_below_its_probe():
     assert dip["fold_runs"] == 2 and dip["runs_over_2_points"] == 1  # 10 points below, then 1
     assert dip["worst_epoch_mean"] == pytest.approx(5.5) and dip["worst_epoch_max"] == pytest.approx(10.0)
     assert dip["first_epoch_mean"] == pytest.approx(5.5)
+    # Per epoch over the runs that reached it: (10 + 1) / 2, (-5 - 2) / 2, then the first run's -10 alone.
+    assert dip["epoch_means"] == pytest.approx([5.5, -3.5, -10.0])
+    assert dip["mean_curve_worst"] == {"epoch": 1, "points": pytest.approx(5.5), "fold_runs": 2}
     assert "fine_tuning_dip" not in recipes["resfit-probe"]  # no fine-tuning epoch, nothing to report
-    assert "| resfit | 2 | 5.5, 10.0 | 5.5 | 1 |" in suite.markdown_tables(suite.summarize(rows))
+    assert "| resfit | 2 | 5.5, 10.0 | 5.5 | 1 | 5.5 (epoch 1) |" in suite.markdown_tables(
+        suite.summarize(rows)
+    )
 
 
 def test_reused_rows_take_only_the_named_recipes_and_repeats_of_the_same_settings(tmp_path):
