@@ -358,6 +358,7 @@ def _fine_tuning_dip(runs: list[dict]) -> dict | None:
         return None
     epoch_means = [float(np.mean(points)) for points in by_epoch]
     worst = int(np.argmax(epoch_means))
+    curve = [{"epoch": e + 1, **t_interval(points)} for e, points in enumerate(by_epoch)]
     return {
         "fold_runs": len(dips),
         "worst_epoch_mean": float(np.mean(dips)),
@@ -365,12 +366,20 @@ def _fine_tuning_dip(runs: list[dict]) -> dict | None:
         "first_epoch_mean": float(np.mean(first)),
         "runs_over_2_points": int(sum(d > 2 for d in dips)),
         "epoch_means": epoch_means,
+        "mean_curve": curve,  # per epoch: mean points below the probe, t interval over the runs, runs
         "mean_curve_worst": {
             "epoch": worst + 1,
             "points": epoch_means[worst],
             "fold_runs": len(by_epoch[worst]),
         },
     }
+
+
+def _fmt_points(stats: dict) -> str:
+    """'7.8 [1.8, 13.8]', or the mean alone where one run leaves no interval."""
+    if stats["low"] is None:
+        return f"{stats['mean']:.1f}"
+    return f"{stats['mean']:.1f} [{stats['low']:.1f}, {stats['high']:.1f}]"
 
 
 def _test_calibration(runs: list[dict]) -> dict | None:
@@ -483,12 +492,17 @@ def markdown_tables(summary: dict) -> str:
             lines += [
                 "",
                 "| fine-tuning below its probe (inner val, points) | fold runs | worst epoch: mean, max "
-                "| first epoch: mean | runs more than 2 points below | mean over runs per epoch: worst (epoch) |",
+                "| first epoch: mean | runs more than 2 points below "
+                "| mean over runs per epoch (t interval): worst (epoch); last epoch |",
                 "|---|---|---|---|---|---|",
             ]
             for name, dip in dipped.items():
-                curve = dip.get("mean_curve_worst")  # absent in summaries written before it was added
-                curve_text = f"{curve['points']:.1f} (epoch {curve['epoch']})" if curve else "-"
+                curve = dip.get("mean_curve")  # absent in summaries written before it was added
+                curve_text = "-"
+                if curve:
+                    worst = curve[dip["mean_curve_worst"]["epoch"] - 1]
+                    last = curve[-1]
+                    curve_text = f"{_fmt_points(worst)} (epoch {worst['epoch']}); last {_fmt_points(last)}"
                 lines.append(
                     f"| {name} | {dip['fold_runs']} | {dip['worst_epoch_mean']:.1f}, {dip['worst_epoch_max']:.1f} "
                     f"| {dip['first_epoch_mean']:.1f} | {dip['runs_over_2_points']} | {curve_text} |"

@@ -157,9 +157,11 @@ def test_summary_reports_how_far_fine_tuning_falls_below_its_probe():
     assert dip["epoch_means"] == pytest.approx([5.5, -3.5, -10.0])
     assert dip["mean_curve_worst"] == {"epoch": 1, "points": pytest.approx(5.5), "fold_runs": 2}
     assert "fine_tuning_dip" not in recipes["resfit-probe"]  # no fine-tuning epoch, nothing to report
-    assert "| resfit | 2 | 5.5, 10.0 | 5.5 | 1 | 5.5 (epoch 1) |" in suite.markdown_tables(
-        suite.summarize(rows)
-    )
+    assert [e["n"] for e in dip["mean_curve"]] == [2, 2, 1]
+    assert dip["mean_curve"][0]["low"] < 5.5 < dip["mean_curve"][0]["high"]
+    assert dip["mean_curve"][2]["low"] is None  # one run reached epoch 3: no interval
+    line = "| resfit | 2 | 5.5, 10.0 | 5.5 | 1 | 5.5 [-51.7, 62.7] (epoch 1); last -10.0 |"
+    assert line in suite.markdown_tables(suite.summarize(rows))
 
 
 def test_reused_rows_take_only_the_named_recipes_and_repeats_of_the_same_settings(tmp_path):
