@@ -186,3 +186,54 @@ def test_reused_rows_take_only_the_named_recipes_and_repeats_of_the_same_setting
         earlier.write_text(broken)
         with pytest.raises(SystemExit, match="not a readable suite result file"):
             suite.reused_rows(earlier, settings, "resfit")
+
+
+def _benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(name, SUITE_PATH.parent / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_dip_noise_gives_the_exact_chance_an_equally_accurate_model_scores_below_its_probe():
+    dip_noise = _benchmark("dip_noise")
+    assert dip_noise.photos_beyond(2.0, 53) == 2  # one photo is 1.9 points: "more than 2" is two photos
+    assert dip_noise.photos_beyond(2.0, 200) == 5
+    # 2 val photos, both disagreed on: the fine-tuned model loses both (so is > 2 points below) 1 time in 4.
+    assert dip_noise.chance_of_dip(2, 1.0) == pytest.approx(0.25)
+    assert dip_noise.chance_of_dip(53, 0.0) == 0.0  # a model that agrees on every photo never dips
+    rng = np.random.default_rng(0)
+    disagree = rng.binomial(53, 0.15, 100_000)
+    simulated = float(((disagree - 2 * rng.binomial(disagree, 0.5)) >= 2).mean())
+    assert dip_noise.chance_of_dip(53, 0.15) == pytest.approx(simulated, abs=0.01)
+    worst = dip_noise.worst_of_epochs(53, 0.15, epochs=6)
+    assert worst["share_beyond_2_points"] > dip_noise.chance_of_dip(53, 0.15)  # six tries dip more often
+
+
+def test_output_ensemble_scores_the_average_of_two_recipes_on_the_same_test_photos(tmp_path):
+    ensemble = _benchmark("output_ensemble")
+    labels = [0, 1, 0, 1]
+    # a is sure and right on photos 0-1 and barely wrong on 2-3; b the other way round: each alone gets 2
+    # of 4, their average gets all 4.
+    a = [[0.9, 0.1], [0.1, 0.9], [0.45, 0.55], [0.55, 0.45]]
+    b = [[0.45, 0.55], [0.55, 0.45], [0.9, 0.1], [0.1, 0.9]]
+
+    def row(recipe, probs, fold):
+        held_out = {"test": {"labels": labels, "logprobs": np.log(probs).tolist()}}
+        return {
+            "dataset": "hymenoptera",
+            "seed": 0,
+            "fold": fold,
+            "recipe": recipe,
+            "n_outer_train": 8,
+            "held_out_logprobs": held_out,
+        }
+
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(json.dumps({"rows": [row("resfit", a, 0), row("resfit", a, 1)]}))
+    second.write_text(json.dumps({"rows": [row("resfit-probe", b, 0)]}))  # fold 1 has only a: left out
+    runs = ensemble.paired_runs(
+        ensemble.test_outputs([first, second], "resfit"),
+        ensemble.test_outputs([first, second], "resfit-probe"),
+    )
+    assert len(runs) == 1 and runs[0]["correct"] == {"a": 2, "b": 2, "ensemble": 4}
