@@ -96,18 +96,18 @@ def main() -> None:
             f"{dataset} ({len(mine)} fold runs): {args.a} {acc['a'].mean():.1f}%, {args.b} {acc['b'].mean():.1f}%, "
             f"their average {acc['ensemble'].mean():.1f}%"
         )
-        for other in ("a", "b"):
-            diff = acc["ensemble"] - acc[other]
+        for first, other in (("ensemble", "a"), ("ensemble", "b"), ("a", "b")):
+            diff = acc[first] - acc[other]
             plain, corrected = t_interval(diff), t_interval(diff, correction)
-            name = args.a if other == "a" else args.b
-            summary[dataset][f"ensemble_minus_{other}"] = {
+            names = {"ensemble": "average", "a": args.a, "b": args.b}
+            summary[dataset][f"{first}_minus_{other}"] = {
                 "plain_t": plain,
                 "corrected_t": corrected,
                 "runs_better": int((diff > 0).sum()),
                 "runs_worse": int((diff < 0).sum()),
             }
             print(
-                f"  average - {name}: {_interval_text(plain)} points (plain t), corrected "
+                f"  {names[first]} - {names[other]}: {_interval_text(plain)} points (plain t), corrected "
                 f"[{corrected['low']:+.1f}, {corrected['high']:+.1f}]; runs better / worse "
                 f"{(diff > 0).sum()} / {(diff < 0).sum()}"
             )
