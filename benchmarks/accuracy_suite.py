@@ -356,9 +356,9 @@ def _fine_tuning_dip(runs: list[dict]) -> dict | None:
                 by_epoch[epoch].append(points)
     if not dips:
         return None
-    epoch_means = [float(np.mean(points)) for points in by_epoch]
-    worst = int(np.argmax(epoch_means))
     curve = [{"epoch": e + 1, **t_interval(points)} for e, points in enumerate(by_epoch)]
+    epoch_means = [epoch["mean"] for epoch in curve]
+    worst = int(np.argmax(epoch_means))
     return {
         "fold_runs": len(dips),
         "worst_epoch_mean": float(np.mean(dips)),
@@ -373,13 +373,6 @@ def _fine_tuning_dip(runs: list[dict]) -> dict | None:
             "fold_runs": len(by_epoch[worst]),
         },
     }
-
-
-def _fmt_points(stats: dict) -> str:
-    """'7.8 [1.8, 13.8]', or the mean alone where one run leaves no interval."""
-    if stats["low"] is None:
-        return f"{stats['mean']:.1f}"
-    return f"{stats['mean']:.1f} [{stats['low']:.1f}, {stats['high']:.1f}]"
 
 
 def _test_calibration(runs: list[dict]) -> dict | None:
@@ -502,7 +495,10 @@ def markdown_tables(summary: dict) -> str:
                 if curve:
                     worst = curve[dip["mean_curve_worst"]["epoch"] - 1]
                     last = curve[-1]
-                    curve_text = f"{_fmt_points(worst)} (epoch {worst['epoch']}); last {_fmt_points(last)}"
+                    curve_text = (
+                        f"{_fmt_interval(worst, scale=1)} (epoch {worst['epoch']}); "
+                        f"last {_fmt_interval(last, scale=1)}"
+                    )
                 lines.append(
                     f"| {name} | {dip['fold_runs']} | {dip['worst_epoch_mean']:.1f}, {dip['worst_epoch_max']:.1f} "
                     f"| {dip['first_epoch_mean']:.1f} | {dip['runs_over_2_points']} | {curve_text} |"

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from accuracy_suite import t_interval  # noqa: E402
+from accuracy_suite import _fmt_interval, t_interval  # noqa: E402
 from provenance import record, stamp  # noqa: E402
 
 
@@ -70,10 +70,6 @@ def paired_runs(a: dict[tuple, dict], b: dict[tuple, dict]) -> list[dict]:
     return runs
 
 
-def _interval_text(stats: dict) -> str:
-    return f"{stats['mean']:+.1f} [{stats['low']:+.1f}, {stats['high']:+.1f}]"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("suites", nargs="+", type=Path)
@@ -107,7 +103,7 @@ def main() -> None:
                 "runs_worse": int((diff < 0).sum()),
             }
             print(
-                f"  {names[first]} - {names[other]}: {_interval_text(plain)} points (plain t), corrected "
+                f"  {names[first]} - {names[other]}: {_fmt_interval(plain, scale=1, signed=True)} points (plain t), corrected "
                 f"[{corrected['low']:+.1f}, {corrected['high']:+.1f}]; runs better / worse "
                 f"{(diff > 0).sum()} / {(diff < 0).sum()}"
             )
