@@ -1118,6 +1118,17 @@ SETTINGS_THAT_DECIDE = (
 )
 
 
+def read_suite(path: Path) -> dict:
+    """An accuracy-suite result file, or one line saying why it is not one (missing, truncated, other)."""
+    try:
+        suite = json.loads(path.read_text())
+        if not isinstance(suite["rows"], list):
+            raise TypeError("rows must be a list")
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise SystemExit(f"{path} is not a readable suite result file: {error!r}") from None
+    return suite
+
+
 def reused_rows(path: Path, settings: dict, recipes: str) -> tuple[list[dict], str | None]:
     """Finished fold runs of ``recipes`` from an earlier suite file with the same deciding settings, and
     the commit that file was run at.
@@ -1127,11 +1138,10 @@ def reused_rows(path: Path, settings: dict, recipes: str) -> tuple[list[dict], s
     short run first), so the earlier runs are the ones this suite would make, at half the time. Their own
     commit and machine stay in the file (``reused_rows_from``); their wall times are not side by side.
     """
-    try:
-        earlier = json.loads(path.read_text())
-        earlier_settings, earlier_rows = earlier["settings"], earlier["rows"]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise SystemExit(f"{path} is not a readable suite result file: {error!r}") from None
+    earlier = read_suite(path)
+    earlier_settings, earlier_rows = earlier.get("settings"), earlier["rows"]
+    if not isinstance(earlier_settings, dict):
+        raise SystemExit(f"{path} is not a readable suite result file: it has no settings")
     differ = [k for k in SETTINGS_THAT_DECIDE if earlier_settings.get(k) != settings.get(k)]
     if differ:
         raise SystemExit(

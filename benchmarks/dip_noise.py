@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from accuracy_suite import read_suite  # noqa: E402
 from provenance import record, stamp  # noqa: E402
 
 DIP_POINTS = 2.0  # issue #12's bound
@@ -67,7 +68,7 @@ def pairs(paths: list[Path]) -> list[dict]:
     """One entry per fold run where resfit kept a fine-tuned epoch and resfit-probe ran the same fold."""
     found = {}
     for path in paths:  # paired within a file: files of other commits or machines are other runs
-        for row in json.loads(path.read_text())["rows"]:
+        for row in read_suite(path)["rows"]:
             if "correct" in row:
                 found[(str(path), row["dataset"], row["seed"], row["fold"], row["recipe"])] = row
     out = []

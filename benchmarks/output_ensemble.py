@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from accuracy_suite import _fmt_interval, t_interval  # noqa: E402
+from accuracy_suite import _fmt_interval, read_suite, t_interval  # noqa: E402
 from provenance import record, stamp  # noqa: E402
 
 
@@ -33,7 +33,7 @@ def test_outputs(paths: list[Path], recipe: str) -> dict[tuple, dict]:
     """(data set, seed, fold) -> {labels, probs, n_train} of ``recipe``'s test fold; a later file wins."""
     found = {}
     for path in paths:
-        for row in json.loads(path.read_text())["rows"]:
+        for row in read_suite(path)["rows"]:
             held_out = row.get("held_out_logprobs")
             if row["recipe"] == recipe and held_out:
                 found[(row["dataset"], row["seed"], row["fold"])] = {
