@@ -1,9 +1,9 @@
 """Which temperature rule helps photos it never saw? Compared on the accuracy suite's held-out predictions.
 
-    python benchmarks/calibration_rules.py SUITE.json [SUITE.json ...] [--rules fit,checked,...]
+    python benchmarks/calibration_rules.py SUITE.json [...] [--rules fit,checked,...] [--recipe NAME]
 
-Each resfit row of an accuracy-suite JSON (``accuracy_suite.py``, which keeps them since 47f357e) holds the
-uncalibrated log-probabilities of its run's inner validation photos (what a run fits its temperature on)
+Each resfit row (or ``--recipe``'s) of an accuracy-suite JSON (``accuracy_suite.py``, which keeps them
+since 47f357e) holds the uncalibrated log-probabilities of its run's inner validation photos (what a run fits its temperature on)
 and of its test fold (photos the run never saw). Every rule here picks a temperature from the validation
 photos alone; it is scored on the test fold: NLL and ECE after minus before (T = 1), per fold run, with a
 95% t interval over fold runs corrected for the overlap of k-fold training sets (Nadeau & Bengio, as the
@@ -108,14 +108,14 @@ RULES = {
 }
 
 
-def held_out_runs(paths: list[Path]) -> list[dict]:
+def held_out_runs(paths: list[Path], recipe: str = "resfit") -> list[dict]:
     runs = []
     for path in paths:
         for row in json.loads(path.read_text())["rows"]:
-            if row.get("recipe") == "resfit" and "held_out_logprobs" in row:
+            if row.get("recipe") == recipe and "held_out_logprobs" in row:
                 runs.append({**row, "suite": path.name})
     if not runs:
-        raise SystemExit(f"no resfit rows with held_out_logprobs in {', '.join(map(str, paths))}")
+        raise SystemExit(f"no {recipe} rows with held_out_logprobs in {', '.join(map(str, paths))}")
     return runs
 
 
@@ -273,6 +273,9 @@ def main() -> None:
     parser.add_argument("suites", nargs="+", type=Path, help="accuracy-suite result JSONs")
     parser.add_argument("--rules", default=",".join(RULES), help=f"comma-separated of {', '.join(RULES)}")
     parser.add_argument(
+        "--recipe", default="resfit", help="the suite recipe whose rows are replayed (default: resfit)"
+    )
+    parser.add_argument(
         "--out", type=Path, help="result JSON (default benchmarks/results/calibration_rules-*)"
     )
     args = parser.parse_args()
@@ -281,7 +284,7 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown rules {unknown}: {list(RULES)}")
     provenance = record()
-    runs = held_out_runs(args.suites)
+    runs = held_out_runs(args.suites, args.recipe)
     summary = summarize(runs, rules)
     text = table(summary, rules)
     print(text)
@@ -290,6 +293,7 @@ def main() -> None:
         "benchmark": "benchmarks/calibration_rules.py",
         **provenance,
         "suites": [str(p) for p in args.suites],
+        "recipe": args.recipe,
         "rules": rules,
         "summary": summary,
         "table": text,
