@@ -344,8 +344,8 @@ def _fine_tuning_dip(runs: list[dict]) -> dict | None:
     dips, first, by_epoch = [], [], []
     for run in runs:
         history = run.get("history") or []
-        head = [row["val_acc"] for row in history if row["stage"] == "head"]
-        tuned = [row["val_acc"] for row in history if row["stage"] == "finetune"]
+        head = [row["val_acc"] for row in history if row.get("stage") == "head"]
+        tuned = [row["val_acc"] for row in history if row.get("stage") == "finetune"]
         if head and tuned:
             below = [(head[-1] - acc) * 100 for acc in tuned]
             dips.append(max(below))

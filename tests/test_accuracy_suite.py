@@ -147,6 +147,9 @@ def test_summary_reports_how_far_fine_tuning_falls_below_its_probe():
         fake_row("resfit", 0, [1] * 10, wall=10.0) | {"history": history(0.70, [0.60, 0.75, 0.80])},
         fake_row("resfit", 1, [1] * 10, wall=10.0) | {"history": history(0.70, [0.69, 0.72])},
         fake_row("resfit-probe", 0, [1] * 10, wall=1.0) | {"history": history(0.70, [])},
+        # timm's loop has no head stage: its history rows carry no "stage" (once a KeyError mid-suite)
+        fake_row("timm", 0, [1] * 10, wall=20.0)
+        | {"history": [{"epoch": 1, "val_acc": 0.6, "seconds": 1.0}]},
     ]
     recipes = suite.summarize(rows)["hymenoptera"]["recipes"]
     dip = recipes["resfit"]["fine_tuning_dip"]
@@ -157,6 +160,7 @@ def test_summary_reports_how_far_fine_tuning_falls_below_its_probe():
     assert dip["epoch_means"] == pytest.approx([5.5, -3.5, -10.0])
     assert dip["mean_curve_worst"] == {"epoch": 1, "points": pytest.approx(5.5), "fold_runs": 2}
     assert "fine_tuning_dip" not in recipes["resfit-probe"]  # no fine-tuning epoch, nothing to report
+    assert "fine_tuning_dip" not in recipes["timm"] and recipes["timm"]["fold_runs"] == 1
     assert [e["n"] for e in dip["mean_curve"]] == [2, 2, 1]
     assert dip["mean_curve"][0]["low"] < 5.5 < dip["mean_curve"][0]["high"]
     assert dip["mean_curve"][2]["low"] is None  # one run reached epoch 3: no interval
