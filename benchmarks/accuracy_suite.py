@@ -107,6 +107,7 @@ RECIPES = {
     "resfit-probe-160px": Recipe("resfit", {"img_size": 160, "epochs": 0}, "the head stage alone at 160 px"),
     "resfit-lr3e-4": Recipe("resfit", {"lr": 3e-4}, "the default with a 3x smaller fine-tuning lr"),
     "resfit-12ep": Recipe("resfit", {"epochs": 12}, "the default with twice the fine-tuning epochs"),
+    "resfit-3ep": Recipe("resfit", {"epochs": 3}, "the default with half the fine-tuning epochs"),
     "resfit-wise": Recipe(
         "resfit", {"wise_ft": 0.5}, "WiSE-FT: the midpoint of the head stage and the last epoch"
     ),
