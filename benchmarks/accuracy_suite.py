@@ -305,6 +305,9 @@ def summarize(rows: list[dict]) -> dict:
             dip = _fine_tuning_dip(ordered)
             if dip:
                 entry["recipes"][name]["fine_tuning_dip"] = dip
+            time_split = _time_split(ordered)
+            if time_split:
+                entry["recipes"][name]["time_split"] = time_split
         pairs = [(REFERENCE, other) for other in recipes if other != REFERENCE] + EXTRA_PAIRS
         for a, b in pairs:
             if a not in by_recipe or b not in by_recipe:
@@ -335,6 +338,34 @@ def summarize(rows: list[dict]) -> dict:
             entry["pairs"].append(pair)
         summary[dataset] = entry
     return summary
+
+
+def _time_split(runs: list[dict]) -> dict | None:
+    """Where a run's wall time goes, as medians over its fold runs: the head stage, one fine-tuning epoch
+    (training and its validation pass), how many epochs ran, and everything outside the epochs (scan, model
+    build, saves and plots between epochs, the final evaluation, calibration). timm's epochs carry no stage."""
+    head, epochs, counts, outside = [], [], [], []
+    for run in runs:
+        history = [row for row in run.get("history") or [] if row.get("seconds") is not None]
+        if not history:
+            continue
+        tuned = [row["seconds"] for row in history if row.get("stage", "finetune") == "finetune"]
+        head += [row["seconds"] for row in history if row.get("stage") == "head"]
+        epochs += tuned
+        counts.append(len(tuned))
+        outside.append(run["wall_s"] - sum(row["seconds"] for row in history))
+    if not outside:
+        return None
+
+    def median(values: list[float]) -> float | None:
+        return float(np.median(values)) if values else None
+
+    return {
+        "head_s": median(head),
+        "epoch_s": median(epochs),
+        "epochs": median(counts),
+        "outside_epochs_s": median(outside),
+    }
 
 
 def _fine_tuning_dip(runs: list[dict]) -> dict | None:
@@ -481,6 +512,23 @@ def markdown_tables(summary: dict) -> str:
                 f"| {name} | {stats['fold_runs']} | {_fmt_interval(stats['accuracy'])} | {plain_text} | "
                 f"{stats['pooled_accuracy'] * 100:.1f} | {stats['wall_s_mean']:.0f} ({stats['wall_s_median']:.0f}) | {stats['cpu_s_mean']:.0f} | {per_min:.1f} |"
             )
+        split = {n: st["time_split"] for n, st in entry["recipes"].items() if "time_split" in st}
+        if split:
+            lines += [
+                "",
+                "| where the wall time goes (median s) | head stage | one fine-tuning epoch | epochs run "
+                "| outside the epochs |",
+                "|---|---|---|---|---|",
+            ]
+
+            def seconds(value: float | None, spec: str = ".1f") -> str:
+                return "-" if value is None else format(value, spec)
+
+            for name, times in split.items():
+                lines.append(
+                    f"| {name} | {seconds(times['head_s'])} | {seconds(times['epoch_s'])} "
+                    f"| {seconds(times['epochs'], 'g')} | {seconds(times['outside_epochs_s'])} |"
+                )
         dipped = {n: st["fine_tuning_dip"] for n, st in entry["recipes"].items() if "fine_tuning_dip" in st}
         if dipped:
             lines += [

@@ -168,6 +168,41 @@ def test_summary_reports_how_far_fine_tuning_falls_below_its_probe():
     assert line in suite.markdown_tables(suite.summarize(rows))
 
 
+def test_summary_says_where_each_recipes_wall_time_goes():
+    """Head stage, one fine-tuning epoch (timm's epochs carry no stage) and what lies outside the epochs."""
+
+    def row(recipe: str, fold: int, wall: float, history: list[dict]) -> dict:
+        return fake_row(recipe, fold, [1] * 10, wall=wall) | {"history": history}
+
+    head = {"stage": "head", "val_acc": 0.7, "seconds": 6.0}
+    rows = [
+        row("resfit", 0, 50.0, [head] + [{"stage": "finetune", "val_acc": 0.7, "seconds": 12.0}] * 3),
+        row("resfit", 1, 60.0, [head] + [{"stage": "finetune", "val_acc": 0.7, "seconds": 14.0}] * 2),
+        row("timm", 0, 40.0, [{"epoch": e, "val_acc": 0.6, "seconds": 13.0} for e in (1, 2, 3)]),
+        row("resfit-probe", 0, 10.0, [head]),
+    ]
+    recipes = suite.summarize(rows)["hymenoptera"]["recipes"]
+    # resfit: outside = 50 - 42 and 60 - 34; epochs 12, 12, 12, 14, 14 -> median 12
+    assert recipes["resfit"]["time_split"] == {
+        "head_s": 6.0,
+        "epoch_s": 12.0,
+        "epochs": 2.5,
+        "outside_epochs_s": 17.0,
+    }
+    assert recipes["timm"]["time_split"] == {
+        "head_s": None,
+        "epoch_s": 13.0,
+        "epochs": 3.0,
+        "outside_epochs_s": 1.0,
+    }
+    assert (
+        recipes["resfit-probe"]["time_split"]["epochs"] == 0
+        and recipes["resfit-probe"]["time_split"]["epoch_s"] is None
+    )
+    table = suite.markdown_tables(suite.summarize(rows))
+    assert "| resfit | 6.0 | 12.0 | 2.5 | 17.0 |" in table and "| timm | - | 13.0 | 3 | 1.0 |" in table
+
+
 def test_reused_rows_take_only_the_named_recipes_and_repeats_of_the_same_settings(tmp_path):
     settings = {
         **{key: 1 for key in suite.SETTINGS_THAT_DECIDE},
