@@ -83,7 +83,7 @@ def images_per_second(model, loader, steps: int, step_fn) -> float:
     return seen / (time.perf_counter() - started)
 
 
-PATHS = ("eager", "autocast", "unfolded", "all-blocks", "frozen1", "resfit", "frozen3")
+PATHS = ("eager", "autocast", "unfolded", "all-blocks", "frozen1", "resfit", "frozen3", "fused-adamw")
 PATH_NAMES = {
     "eager": "eager fp32 NCHW",
     "autocast": "precision+layout",
@@ -92,9 +92,18 @@ PATH_NAMES = {
     "frozen1": "stem frozen",
     "resfit": "resfit default",
     "frozen3": "layer2 frozen too",
+    "fused-adamw": "resfit, fused AdamW",
 }
 # resfit's default from pretrained weights is --frozen-blocks 2 (resolve.default_frozen_blocks; main() checks)
-FROZEN_BLOCKS = {"unfolded": 0, "all-blocks": 0, "frozen1": 1, "resfit": 2, "frozen3": 3}
+FROZEN_BLOCKS = {"unfolded": 0, "all-blocks": 0, "frozen1": 1, "resfit": 2, "frozen3": 3, "fused-adamw": 2}
+
+
+def fused_twin(optimizer: torch.optim.AdamW) -> torch.optim.AdamW:
+    """The same AdamW (its lr groups and weight decays) with PyTorch's fused kernel: on a CPU tensor
+    torch's default is the single-tensor loop, one small op after another per parameter."""
+    flags = set(optimizer.defaults) - {"lr", "weight_decay"}  # the groups carry foreach/fused: drop them
+    groups = [{k: v for k, v in group.items() if k not in flags} for group in optimizer.param_groups]
+    return torch.optim.AdamW(groups, fused=True)
 
 
 def training_throughput(
@@ -113,6 +122,8 @@ def training_throughput(
     unfolded: all-blocks with its frozen BatchNorms run as BatchNorms (resfit before the fold).
     frozen1:  that step with only the stem untrained (``--frozen-blocks 1``).
     frozen3:  that step with layer2 untrained too (``--frozen-blocks 3``).
+    fused-adamw: resfit's default step with AdamW's fused kernel (``fused=True``) instead of torch's
+              default on CPU tensors (the single-tensor loop).
     """
     torch.manual_seed(0)
     runtime = resolve_runtime("cpu", "fp32" if path == "eager" else precision)
@@ -135,6 +146,8 @@ def training_throughput(
     if path != "eager":
         model = model.to(memory_format=torch.channels_last)
     optimizer, criterion = optimizer_and_loss(model, recipe if resfit_step else None)
+    if path == "fused-adamw":
+        optimizer = fused_twin(optimizer)
     network = training_network(model) if resfit_step and path != "unfolded" else model
 
     def step(images, labels):
@@ -265,7 +278,18 @@ def main() -> None:
             ),
             flush=True,
         )
+        fused_vs_resfit = None
+        if "fused-adamw" in samples and "resfit" in samples:  # the optimizer alone, timed back to back
+            fused_vs_resfit = sorted(
+                f / r for f, r in zip(samples["fused-adamw"], samples["resfit"], strict=True)
+            )
+            print(
+                f"      fused AdamW / resfit's default per repeat (min, median, max): {fused_vs_resfit[0]:.3f} "
+                f"/ {statistics.median(fused_vs_resfit):.3f} / {fused_vs_resfit[-1]:.3f}",
+                flush=True,
+            )
         report["sizes"][size] = {
+            "fused_adamw_x_resfit_per_repeat": fused_vs_resfit,
             "images_per_s": samples,
             "medians": medians,
             "x_eager": {p: medians[p] / medians["eager"] for p in paths},
