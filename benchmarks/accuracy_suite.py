@@ -491,6 +491,11 @@ def _fmt_interval(stat: dict, scale: float = 100, signed: bool = False) -> str:
     return f"{stat['mean'] * scale:{sign}.1f} [{stat['low'] * scale:{sign}.1f}, {stat['high'] * scale:{sign}.1f}]"
 
 
+def _fmt_seconds(value: float | None, spec: str = ".1f") -> str:
+    """A median of the time split, or '-' where the recipe has no such part (timm has no head stage)."""
+    return "-" if value is None else format(value, spec)
+
+
 def markdown_tables(summary: dict) -> str:
     """Accuracy (%) with 95% intervals, wall times, and the paired differences, one block per data set."""
     lines = []
@@ -521,13 +526,10 @@ def markdown_tables(summary: dict) -> str:
                 "|---|---|---|---|---|",
             ]
 
-            def seconds(value: float | None, spec: str = ".1f") -> str:
-                return "-" if value is None else format(value, spec)
-
             for name, times in split.items():
                 lines.append(
-                    f"| {name} | {seconds(times['head_s'])} | {seconds(times['epoch_s'])} "
-                    f"| {seconds(times['epochs'], 'g')} | {seconds(times['outside_epochs_s'])} |"
+                    f"| {name} | {_fmt_seconds(times['head_s'])} | {_fmt_seconds(times['epoch_s'])} "
+                    f"| {_fmt_seconds(times['epochs'], 'g')} | {_fmt_seconds(times['outside_epochs_s'])} |"
                 )
         dipped = {n: st["fine_tuning_dip"] for n, st in entry["recipes"].items() if "fine_tuning_dip" in st}
         if dipped:

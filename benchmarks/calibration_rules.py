@@ -2,14 +2,13 @@
 
     python benchmarks/calibration_rules.py SUITE.json [...] [--rules fit,checked,...] [--recipe NAME]
 
-Each resfit row (or ``--recipe``'s) of an accuracy-suite JSON (``accuracy_suite.py``, which keeps them
-since 47f357e) holds the uncalibrated log-probabilities of its run's inner validation photos (what a run fits its temperature on)
-and of its test fold (photos the run never saw). Every rule here picks a temperature from the validation
-photos alone; it is scored on the test fold: NLL and ECE after minus before (T = 1), per fold run, with a
-95% t interval over fold runs corrected for the overlap of k-fold training sets (Nadeau & Bengio, as the
-suite does for accuracy), and how many runs it lowered and raised. Accuracy cannot change (the order of
-the log-probabilities is kept), and is checked. Writes JSON (commit, machine, command) to
-benchmarks/results/.
+Each resfit row (or ``--recipe``'s) of an accuracy-suite JSON (``accuracy_suite.py``, which keeps them since
+47f357e) holds the uncalibrated log-probabilities of its run's inner validation photos (what a run fits its
+temperature on) and of its test fold (photos the run never saw). Every rule here picks a temperature from the
+validation photos alone; it is scored on the test fold: NLL and ECE after minus before (T = 1), per fold run,
+with a 95% t interval over fold runs corrected for the overlap of k-fold training sets (Nadeau & Bengio, as
+the suite does for accuracy), and how many runs it lowered and raised. Accuracy cannot change (the order of
+the log-probabilities is kept), and is checked. Writes JSON (commit, machine, command) to benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from accuracy_suite import t_interval  # noqa: E402
+from accuracy_suite import read_suite, t_interval  # noqa: E402
 from provenance import record, stamp  # noqa: E402
 
 from resfit import calibration  # noqa: E402
@@ -111,7 +110,7 @@ RULES = {
 def held_out_runs(paths: list[Path], recipe: str = "resfit") -> list[dict]:
     runs = []
     for path in paths:
-        for row in json.loads(path.read_text())["rows"]:
+        for row in read_suite(path)["rows"]:
             if row.get("recipe") == recipe and "held_out_logprobs" in row:
                 runs.append({**row, "suite": path.name})
     if not runs:
