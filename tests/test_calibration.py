@@ -81,6 +81,39 @@ def test_every_backend_and_the_service_apply_the_temperature(scaled_run, tiny_im
         assert client.get("/model").json()["temperature"] == 2.5
 
 
+def test_val_metrics_from_the_fitted_logits_equal_a_pass_of_the_calibrated_model(
+    scaled_run, tiny_imagefolder, tmp_path
+):
+    """Training reports val from the uncalibrated logits the temperature was fitted on, divided by it: the
+    same numbers as the calibrated model run over val again (T = 2.5, so a missed division would show)."""
+    from resfit.batched_inference import eval_loader, predict_logits
+    from resfit.calibration import scaled_logits
+    from resfit.data.dataset import ImageDataset
+    from resfit.data.transforms import Preprocessing
+    from resfit.hardware import resolve_runtime
+
+    runtime = resolve_runtime("cpu", "fp32")
+    reports = {}
+    for name in ("pass", "held"):
+        run = tmp_path / name
+        shutil.copytree(scaled_run, run)
+        folder = RunFolder(run)
+        source, _ = folder.dataset(str(tiny_imagefolder))
+        raw_model, meta = folder.load_model(calibrated=False)
+        val = ImageDataset(source, "val", Preprocessing.from_dict(meta["preprocessing"]).eval_transform())
+        raw, _ = predict_logits(raw_model, eval_loader(val, 0), runtime)
+        calibrated, _ = folder.load_model()
+        scaled, _ = predict_logits(calibrated, eval_loader(val, 0), runtime)
+        np.testing.assert_array_equal(scaled_logits(raw, 2.5), scaled)  # float32 division, both ways
+        held = raw if name == "held" else None
+        reports[name] = folder.evaluate_and_report(source, runtime, {}, {}, raw_val_logits=held)["val"]
+    assert reports["held"]["calibration"] == reports["pass"]["calibration"]
+    assert reports["held"]["loss"] == reports["pass"]["loss"]
+    assert reports["held"]["confusion_matrix"] == reports["pass"]["confusion_matrix"]
+    with pytest.raises(ValueError, match="val logits for"):
+        folder.evaluate_and_report(source, runtime, {}, {}, raw_val_logits=raw[:-1])
+
+
 def test_an_ensemble_of_calibrated_runs_loads_back(scaled_run, tmp_path):
     """Members are taken as their weights file holds them, so the ensemble's own weights file loads."""
     from resfit.ensemble import build_ensemble

@@ -10,9 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
+from resfit.data.transforms import Preprocessing
 from resfit.errors import RunFolderError
 from resfit.train import TrainConfig, train
-from resfit.train.loop import cosine_with_warmup
+from resfit.train.loop import CURVES_EVERY_S, cosine_with_warmup, curves_due
 
 
 @pytest.fixture(scope="module")
@@ -187,3 +188,48 @@ def test_frozen_blocks_default_to_stem_and_layer1_from_pretrained_weights_only(
     train(config, say=lambda _: None)
     stored = json.loads((tmp_path / "run" / "train_config.json").read_text())
     assert stored["frozen_blocks"] == (2 if pretrained else 0)
+
+
+def test_curves_are_redrawn_at_most_once_a_minute_and_always_complete_at_the_end():
+    assert curves_due(None, now=5.0, rows=1, complete=False)  # the first epoch's picture at once
+    drawn = (5.0, 1)
+    assert not curves_due(drawn, now=5.0 + CURVES_EVERY_S / 2, rows=2, complete=False)  # not every epoch
+    assert curves_due(drawn, now=5.0 + CURVES_EVERY_S, rows=2, complete=False)
+    assert curves_due(drawn, now=6.0, rows=3, complete=True)  # a finished run's picture holds every row
+    assert not curves_due((6.0, 3), now=7.0, rows=3, complete=True)  # but is not drawn twice
+
+
+def test_val_outputs_are_held_from_validation_not_computed_again(unordered_classes, tmp_path, monkeypatch):
+    """Calibration and val's metrics read the kept model's outputs from its validation: one pass over val
+    per fine-tuning epoch and no more; the numbers are those of a fresh pass of the saved model."""
+    import importlib
+
+    from resfit.evaluate import evaluate_split
+    from resfit.hardware import resolve_runtime
+    from resfit.run_folder import RunFolder
+
+    passes: list[str] = []
+
+    def counting(original):
+        def predict_logits(model, loader, *args, **kwargs):
+            passes.append(loader.dataset.split)
+            return original(model, loader, *args, **kwargs)
+
+        return predict_logits
+
+    for name in ("resfit.train.loop", "resfit.evaluate"):  # resfit.train is also the function's name
+        module = importlib.import_module(name)
+        monkeypatch.setattr(module, "predict_logits", counting(module.predict_logits))
+    run = train(small_config(unordered_classes, tmp_path / "run", epochs=2, lr=0.01), say=lambda _: None)
+    assert passes == ["val", "val"], passes  # the head stage's val outputs come from its features
+
+    folder = RunFolder(run.run_dir)
+    model, meta = folder.load_model()
+    source, _ = folder.dataset(str(unordered_classes))
+    fresh, _ = evaluate_split(
+        model, source, "val", Preprocessing.from_dict(meta["preprocessing"]), resolve_runtime("cpu", "fp32")
+    )
+    assert passes == ["val", "val", "val"]  # the counter does see evaluate's passes
+    saved = json.loads((run.run_dir / "metrics.json").read_text())
+    assert saved["accuracy"] == fresh["accuracy"] and saved["confusion_matrix"] == fresh["confusion_matrix"]
+    assert saved["loss"] == pytest.approx(fresh["loss"], abs=1e-5)

@@ -143,6 +143,11 @@ def plot_reliability(before: list[dict], after: list[dict], temperature: float, 
     plt.close(figure)
 
 
+def scaled_logits(raw_logits: np.ndarray, temperature: float) -> np.ndarray:
+    """Raw logits divided by the temperature in float32: the numbers model_wrappers.TemperatureScaled gives."""
+    return np.asarray(raw_logits, np.float32) / np.float32(temperature)
+
+
 def calibrate_run(folder: RunFolder, raw_logits: np.ndarray, labels: np.ndarray, say) -> dict:
     """Fit the temperature on a run's held-out (uncalibrated) logits, store it in model.json, plot the
     reliability diagram; returns the fit with NLL/Brier/ECE before and after (T stays 1 where it cannot

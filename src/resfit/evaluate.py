@@ -39,9 +39,21 @@ def evaluate_split(
     dataset = ImageDataset(source, split, preprocessing.eval_transform(), decoded=decoded)
     loader = eval_loader(dataset, num_workers)
     output, labels = predict_logits(model, loader, runtime, progress, desc=f"evaluate {split}")
-    logits, features = split_output(output, len(source.class_names))
+    return metrics_of_output(output, labels, source.class_names, split, reject)
+
+
+def metrics_of_output(
+    output: np.ndarray,
+    labels: np.ndarray,
+    class_names: list[str],
+    split: str,
+    reject: RejectRule | None = None,
+) -> tuple[dict, np.ndarray]:
+    """evaluate_split's metrics and probabilities from a model's output already computed (its logits, then
+    the features a knn rule needs)."""
+    logits, features = split_output(output, len(class_names))
     probs = softmax(logits)
-    metrics = classification_metrics(labels, probs, source.class_names, split)
+    metrics = classification_metrics(labels, probs, class_names, split)
     if reject is not None:
         metrics["rejection"] = answered_metrics(logits, labels, reject, features)
     return metrics, probs

@@ -147,7 +147,9 @@ class TemperatureScaled(nn.Module):
         self.temperature = float(temperature)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images) / self.temperature
+        # In float32 whatever the autocast: the same numbers as dividing the saved raw logits afterwards
+        # (calibration.scaled_logits), and no bf16 rounding added to calibrated probabilities.
+        return self.model(images).float() / self.temperature
 
 
 class WithFeatures(nn.Module):
@@ -169,5 +171,5 @@ class WithFeatures(nn.Module):
 
     def from_features(self, features: torch.Tensor) -> torch.Tensor:
         """The output for pooled features already computed (the head stage's cached ones)."""
-        logits = self.network.fc(features) / self.temperature
-        return torch.cat([logits, nn.functional.normalize(features.float(), dim=1).to(logits.dtype)], dim=1)
+        logits = self.network.fc(features).float() / self.temperature  # float32: see TemperatureScaled
+        return torch.cat([logits, nn.functional.normalize(features.float(), dim=1)], dim=1)

@@ -28,14 +28,14 @@ from safetensors.numpy import save_file as save_numpy_file
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .calibration import calibration_scores
+from .calibration import calibration_scores, scaled_logits
 from .data.decoded_cache import holding
 from .data.scan import REPORT_FILE, DataReport, load_dataset
 from .data.sources import discover
 from .data.splits import SPLIT_SEED, VAL_FRACTION, DatasetSource
 from .data.transforms import Preprocessing
 from .errors import ConfigError, RunFolderError
-from .evaluate import evaluate_split
+from .evaluate import evaluate_split, metrics_of_output
 from .fileio import atomic_write, atomic_write_json, atomic_write_text
 from .hardware import Runtime
 from .metrics import misclassified_examples
@@ -518,13 +518,17 @@ class RunFolder:
         rejection: dict,
         num_workers: int = 0,
         decoded: Mapping[str, DecodedImages] | None = None,
+        raw_val_logits: np.ndarray | None = None,
     ) -> dict[str, dict]:
         """Evaluate the saved (calibrated) model exactly as `resfit evaluate` would, on val and then test
         where the data has one, and write each split's reports; val's metrics also get the temperature fit
         and the "unknown" rule's figures. Returns the metrics per split.
 
         ``decoded``: training's decoded-image caches; a split's is read instead of its files where it holds
-        this model's eval resize (the same pixels, data/decoded_cache.py)."""
+        this model's eval resize (the same pixels, data/decoded_cache.py). ``raw_val_logits``: this model's
+        uncalibrated logits on val, in order, where the caller has them (the temperature was fitted on
+        them): divided by the temperature as the model would (calibration.scaled_logits), they stand in for a
+        second pass over val."""
         meta = self.read_meta()
         # with the run's test-time augmentation, if it has one, and the features its "unknown" rule needs
         model, meta = self.load_model(features=needs_features(meta.get("reject")))
@@ -534,16 +538,23 @@ class RunFolder:
         decoded = holding(decoded or {}, preprocessing)
         results = {}
         for split in [split for split in SPLITS if split in source.splits]:
-            metrics, probs = evaluate_split(
-                model,
-                source,
-                split,
-                preprocessing,
-                runtime,
-                num_workers,
-                reject=rule if split != "val" else None,
-                decoded=decoded.get(split),
-            )
+            if split == "val" and raw_val_logits is not None:
+                labels = np.asarray(source.splits["val"].labels)
+                if len(raw_val_logits) != len(labels):
+                    raise ValueError(f"{len(raw_val_logits)} val logits for {len(labels)} val photos")
+                logits = scaled_logits(raw_val_logits, float(meta.get("temperature", 1.0)))
+                metrics, probs = metrics_of_output(logits, labels, source.class_names, split)
+            else:
+                metrics, probs = evaluate_split(
+                    model,
+                    source,
+                    split,
+                    preprocessing,
+                    runtime,
+                    num_workers,
+                    reject=rule if split != "val" else None,
+                    decoded=decoded.get(split),
+                )
             metrics["calibration"] = calibration_scores(probs, np.asarray(source.splits[split].labels))
             if split == "val":
                 metrics["temperature_scaling"], metrics["rejection"] = calibration, rejection

@@ -21,7 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..batched_inference import eval_loader, predict_logits
-from ..calibration import calibrate_run
+from ..calibration import calibrate_run, scaled_logits
 from ..data.dataset import ImageDataset
 from ..data.decoded_cache import DecodedImages, decoded_caches, holding
 from ..data.duplicates import hash_duplicates, warning_line
@@ -85,6 +85,12 @@ from .step import fine_tuning_loss, training_step
 from .tracking import Tracking, open_tracking, require_tracker_packages
 
 POSTFIX_EVERY = 10  # steps between progress-bar updates of the running loss (each one waits for the GPU)
+# A drawing of curves.png costs about half a second (a sixth of a 3-second GPU epoch, 3% of a 2-core CPU's
+# run when drawn every epoch): between epochs it is redrawn at most this often, and always at the end.
+CURVES_EVERY_S = 60.0
+# The kept model's validation outputs (logits and pooled features) are held for calibration, sparing it a pass
+# over val, up to this size (a 50,000-photo val set of 1,000 classes would need 600 MB: it is passed again).
+MAX_HELD_VAL_BYTES = 256 * 2**20
 
 
 @dataclass
@@ -137,9 +143,13 @@ def set_train_mode(
         freeze_batchnorm(module)
 
 
-def write_history(folder: RunFolder, history: list[dict]) -> None:
-    folder.write_history(history)
-    plot_training_curves(history, folder.curves_plot)
+def curves_due(last: tuple[float, int] | None, now: float, rows: int, complete: bool) -> bool:
+    """Whether curves.png is redrawn now, ``last`` being (when, how many rows) of its last drawing: never
+    twice for the same rows; always once the history is complete; else at most every CURVES_EVERY_S
+    (history.csv itself is written after every epoch)."""
+    if last is not None and last[1] == rows:
+        return False
+    return complete or last is None or now - last[0] >= CURVES_EVERY_S
 
 
 def epoch_line(row: dict) -> str:
@@ -177,6 +187,11 @@ class Trainer:
             None  # fp16's loss scale, saved and resumed with the optimizer
         )
         self.tracking = Tracking.off()  # --log: opened on rank 0 once the run folder exists
+        self._curves_drawn: tuple[float, int] | None = None  # curves.png's last drawing: when, how many rows
+        # Validation outputs (logits, then normalised pooled features, val order): of the model validated last,
+        # and of the kept model (the one model.safetensors holds); None where not held (see _hold_val_output).
+        self._val_output: np.ndarray | None = None
+        self._kept_val_output: np.ndarray | None = None
 
     # -- set-up -------------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -312,6 +327,8 @@ class Trainer:
         head.to("cpu")
         probe = fit_probe_head(head, train_x, train_y, len(self.source.class_names), config.seed)
         train_logits, val_logits = head_logits(head, train_x), head_logits(head, val_x)
+        with torch.no_grad():  # the head stage's model on val, as WithFeatures gives it from the photos
+            self._hold_val_output(WithFeatures(self.model).from_features(torch.from_numpy(val_x)).numpy())
         head.to(self.runtime.device)
         broadcast_module(self.dist, head)  # every process continues from exactly rank 0's head
         return {
@@ -524,10 +541,29 @@ class Trainer:
         if self.dist.enabled:
             dataset = torch.utils.data.Subset(dataset, indices.tolist())
         loader = eval_loader(dataset, self.config.num_workers)
-        logits, labels = predict_logits(self.kept_model, loader, self.runtime)
-        combined = gather_rows(self.dist, np.column_stack([logits, labels]), indices)
-        logits, labels = combined[:, :-1], combined[:, -1].astype(np.int64)
+        if self.dist.enabled or not hasattr(self.kept_model, "fc"):  # logits only: nothing held
+            logits, labels = predict_logits(self.kept_model, loader, self.runtime)
+            combined = gather_rows(self.dist, np.column_stack([logits, labels]), indices)
+            logits, labels = combined[:, :-1], combined[:, -1].astype(np.int64)
+            self._hold_val_output(None)
+        else:  # the features too (free: the fc's input), held for calibration should this model be kept
+            output, labels = predict_logits(WithFeatures(self.kept_model), loader, self.runtime)
+            self._hold_val_output(output)
+            logits = output[:, : len(self.source.class_names)]
         return cross_entropy(logits, labels), float((logits.argmax(1) == labels).mean())
+
+    def _hold_val_output(self, output: np.ndarray | None) -> None:
+        """Hold the model just validated's outputs on val (None: not held); record() keeps them with it."""
+        self._val_output = output if output is not None and output.nbytes <= MAX_HELD_VAL_BYTES else None
+
+    def write_history(self, history: list[dict], complete: bool = False) -> None:
+        """history.csv after every epoch; curves.png when due (curves_due), so a long run's picture is at
+        most a minute behind and a finished run's is whole."""
+        self.folder.write_history(history)
+        now = time.perf_counter()
+        if curves_due(self._curves_drawn, now, len(history), complete):
+            plot_training_curves(history, self.folder.curves_plot)
+            self._curves_drawn = (now, len(history))
 
     @property
     def kept_model(self) -> nn.Module:
@@ -592,6 +628,8 @@ class Trainer:
                     progress.update(best_val_loss=row["val_loss"], bad_epochs=0)
                 else:
                     progress["bad_epochs"] += 1
+            if improved:
+                self._kept_val_output = self._val_output
             if self.dist.is_main:
                 if improved:
                     best = {"best": {"epoch": row["epoch"], "val_accuracy": row["val_acc"]}}
@@ -599,7 +637,7 @@ class Trainer:
                 if row["epoch"] == 0 and config.wise_ft < 1:
                     save_start_weights(self.run_dir, self.kept_model)
                 save_state(self.run_dir, row["epoch"], self.model, optimizer, progress, self.ema, self.scaler)
-                write_history(self.folder, history)
+                self.write_history(history)
                 self.tracking.log_epoch(row)
             barrier(self.dist)
             self.say(epoch_line(row) + ("  *best" if progress["best_epoch"] == row["epoch"] else ""))
@@ -646,6 +684,8 @@ class Trainer:
         if config.wise_ft < 1 and config.epochs and history[-1]["stage"] == "finetune":
             self.keep_interpolation(progress, history)
         progress["done"] = True
+        if self.dist.is_main:
+            self.write_history(history, complete=True)
         barrier(self.dist)
         result = self.finish(history, progress) if self.dist.is_main else None
         self.tracking.log_final(self.run_dir)
@@ -724,21 +764,24 @@ class Trainer:
         row["elapsed"] = history[-1]["elapsed"] + row["seconds"]
         history.append(row)
         progress.update(best_val_acc=val_acc, best_epoch=last)
+        self._kept_val_output = self._val_output
         if self.dist.is_main:
             best = {"best": {"epoch": last, "val_accuracy": val_acc, "wise_ft": share}}
             self.folder.write_model(model, self.meta | best)
-            write_history(self.folder, history)
+            self.write_history(history)
         barrier(self.dist)
         self.say(
             epoch_line(row) + f"  kept: {share:g} x epoch {last} + {1 - share:g} x the head stage (--wise-ft)"
         )
 
-    def calibrate(self) -> tuple[dict, dict]:
+    def calibrate(self) -> tuple[dict, dict, np.ndarray]:
         """Fit the kept model's temperature on the validation split, then its "unknown" rule; both go into
-        model.json (calibration.calibrate_run, rejection.choose_and_store_rule).
+        model.json (calibration.calibrate_run, rejection.choose_and_store_rule). Returns both fits and the
+        uncalibrated val logits they were fitted on.
 
-        The knn score also needs the validation photos' features and a bank of training features; a run with
-        TTA falls back to msp (its views have no one feature vector) and says so.
+        The val outputs are the ones held since the kept model was validated where they are held (no TTA);
+        else one pass over val. The knn score also needs the validation photos' features and a bank of
+        training features; a run with TTA falls back to msp (its views have no one feature vector) and says so.
         """
         target, score = self.config.reject_target, self.config.reject_score
         tta = self.folder.read_meta().get("tta", "none") != "none"
@@ -749,28 +792,34 @@ class Trainer:
         if wants_features and tta:
             self.say(f"unknown answers: {score} needs the features of one view, not TTA's; using msp")
             score, wants_features = "msp", False
-        # One pass over val: the uncalibrated logits, and the features after them where the rule needs them.
+        # The uncalibrated logits on val, and the features after them where the rule needs them.
         model, meta = self.folder.load_model(calibrated=False, features=wants_features)
         model.to(self.runtime.device, memory_format=torch.channels_last)
         preprocessing = Preprocessing.from_dict(meta["preprocessing"])
         transform, decoded = preprocessing.eval_transform(), holding(self.decoded, preprocessing)
-        from_cache = self._outputs_from_feature_cache(model, preprocessing)
-        output = from_cache("val") if from_cache else None
-        if output is not None:
-            self.say("calibration: the head stage's model was kept, so its cached features are read again")
-            labels = np.asarray(self.source.splits["val"].labels)
-        else:
+        output, labels = (self._kept_val_output if not tta else None), np.asarray(val_labels)
+        from_cache = None  # the bank's source too: hashing the backbone reads every weight, so only if used
+        if output is None or wants_features:
+            from_cache = self._outputs_from_feature_cache(model, preprocessing)
+        if output is None and from_cache is not None:
+            output = from_cache("val")
+            if output is not None:
+                self.say(
+                    "calibration: the head stage's model was kept, so its cached features are read again"
+                )
+        if output is None:
             val = ImageDataset(self.source, "val", transform, decoded=decoded.get("val"))
             output, labels = predict_logits(model, eval_loader(val, self.config.num_workers), self.runtime)
         raw, features = split_output(output, len(self.source.class_names))
         fit = calibrate_run(self.folder, raw, labels, self.say)
-        bank = (
-            self.feature_bank(model, transform, decoded.get("train"), from_cache) if wants_features else None
-        )
-        logits = raw / fit["temperature"]
-        return fit, choose_and_store_rule(
-            self.folder, logits, labels, target, score, self.say, features, bank
-        )
+        bank = None
+        if wants_features:
+            bank = self.feature_bank(model, transform, decoded.get("train"), from_cache)
+        else:
+            features = None  # held outputs carry them whatever the rule; msp has no use for them
+        logits = scaled_logits(raw, fit["temperature"])
+        rule = choose_and_store_rule(self.folder, logits, labels, target, score, self.say, features, bank)
+        return fit, rule, raw
 
     def feature_bank(
         self, model: nn.Module, transform, decoded: DecodedImages | None, from_cache=None
@@ -791,8 +840,9 @@ class Trainer:
         return split_output(output, len(self.source.class_names))[1]
 
     def finish(self, history: list[dict], progress: dict) -> RunResult:
-        """Calibrate the kept (best) model, evaluate it exactly as `resfit evaluate` would, write the reports."""
-        calibration, rejection = self.calibrate()
+        """Calibrate the kept (best) model, evaluate it as `resfit evaluate` would (val from the logits the
+        temperature was fitted on: the same numbers), write the reports."""
+        calibration, rejection, raw_val_logits = self.calibrate()
         results = self.folder.evaluate_and_report(
             self.source,
             self.runtime,
@@ -800,6 +850,7 @@ class Trainer:
             rejection,
             self.config.num_workers,
             self.decoded,
+            raw_val_logits,
         )
         metrics = results["val"]
         seconds = time.perf_counter() - self.started
