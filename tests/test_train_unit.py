@@ -233,3 +233,30 @@ def test_val_outputs_are_held_from_validation_not_computed_again(unordered_class
     saved = json.loads((run.run_dir / "metrics.json").read_text())
     assert saved["accuracy"] == fresh["accuracy"] and saved["confusion_matrix"] == fresh["confusion_matrix"]
     assert saved["loss"] == pytest.approx(fresh["loss"], abs=1e-5)
+
+
+def test_in_bf16_the_head_stages_held_outputs_are_a_passs_numbers(tmp_path):
+    """--epochs 0 keeps the head stage's model, whose val outputs come from its cached features: in bf16
+    (emulated here where the CPU has none) the head must run as a pass runs it, or val's loss in metrics.json
+    moves from `resfit evaluate`'s by about 1e-4 (measured before the head ran under autocast)."""
+    from conftest import _write_learnable_images
+
+    from resfit.calibration import calibration_scores
+    from resfit.evaluate import evaluate_split
+    from resfit.hardware import resolve_runtime
+    from resfit.run_folder import RunFolder
+
+    data = tmp_path / "data"
+    _write_learnable_images(data / "train", per_class=12, size=40, seed=0)
+    _write_learnable_images(data / "val", per_class=12, size=40, seed=1)
+    config = small_config(data, tmp_path / "run", epochs=0, precision="bf16", device="cpu")
+    run = train(config, say=lambda _: None)
+    folder = RunFolder(run.run_dir)
+    model, meta = folder.load_model()
+    assert meta["precision"] == "bf16"
+    source, _ = folder.dataset(str(data))
+    runtime = resolve_runtime("cpu", "bf16")
+    _, probs = evaluate_split(model, source, "val", Preprocessing.from_dict(meta["preprocessing"]), runtime)
+    fresh = calibration_scores(probs, np.asarray(source.splits["val"].labels))
+    saved = json.loads((run.run_dir / "metrics.json").read_text())["calibration"]
+    assert saved["nll"] == pytest.approx(fresh["nll"], rel=1e-9, abs=1e-12)

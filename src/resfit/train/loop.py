@@ -327,10 +327,13 @@ class Trainer:
         head.to("cpu")
         probe = fit_probe_head(head, train_x, train_y, len(self.source.class_names), config.seed)
         train_logits, val_logits = head_logits(head, train_x), head_logits(head, val_x)
-        with torch.no_grad():  # the head stage's model on val, as WithFeatures gives it from the photos
-            self._hold_val_output(WithFeatures(self.model).from_features(torch.from_numpy(val_x)).numpy())
         head.to(self.runtime.device)
         broadcast_module(self.dist, head)  # every process continues from exactly rank 0's head
+        # The head stage's model on val as a pass over the photos gives it: the head on the same device and
+        # in the same precision as there (the pooled features are the pass's own, cached before the head).
+        with torch.inference_mode(), self.runtime.autocast():
+            held = WithFeatures(self.model).from_features(torch.from_numpy(val_x).to(self.runtime.device))
+        self._hold_val_output(held.cpu().numpy())
         return {
             "epoch": 0,
             "stage": "head",
