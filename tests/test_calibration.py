@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from test_export import train_tiny_run
 
@@ -82,7 +83,7 @@ def test_every_backend_and_the_service_apply_the_temperature(scaled_run, tiny_im
 
 
 def test_val_metrics_from_the_fitted_logits_equal_a_pass_of_the_calibrated_model(
-    scaled_run, tiny_imagefolder, tmp_path
+    scaled_run, tiny_imagefolder, tmp_path, monkeypatch
 ):
     """Training reports val from the uncalibrated logits the temperature was fitted on, divided by it: the
     same numbers as the calibrated model run over val again (T = 2.5, so a missed division would show)."""
@@ -93,6 +94,9 @@ def test_val_metrics_from_the_fitted_logits_equal_a_pass_of_the_calibrated_model
     from resfit.hardware import resolve_runtime
 
     runtime = resolve_runtime("cpu", "fp32")
+    loads: list[int] = []
+    real_load = RunFolder.load_model
+    monkeypatch.setattr(RunFolder, "load_model", lambda *a, **k: loads.append(1) or real_load(*a, **k))
     reports = {}
     for name in ("pass", "held"):
         run = tmp_path / name
@@ -100,13 +104,17 @@ def test_val_metrics_from_the_fitted_logits_equal_a_pass_of_the_calibrated_model
         folder = RunFolder(run)
         source, _ = folder.dataset(str(tiny_imagefolder))
         raw_model, meta = folder.load_model(calibrated=False)
+        raw_model.to(memory_format=torch.channels_last)  # as training validates it: the same kernels
         val = ImageDataset(source, "val", Preprocessing.from_dict(meta["preprocessing"]).eval_transform())
         raw, _ = predict_logits(raw_model, eval_loader(val, 0), runtime)
         calibrated, _ = folder.load_model()
+        calibrated.to(memory_format=torch.channels_last)
         scaled, _ = predict_logits(calibrated, eval_loader(val, 0), runtime)
         np.testing.assert_array_equal(scaled_logits(raw, 2.5), scaled)  # float32 division, both ways
         held = raw if name == "held" else None
+        loaded_before = len(loads)
         reports[name] = folder.evaluate_and_report(source, runtime, {}, {}, raw_val_logits=held)["val"]
+        assert len(loads) - loaded_before == (0 if held is not None else 1)  # no test split: no model needed
     assert reports["held"]["calibration"] == reports["pass"]["calibration"]
     assert reports["held"]["loss"] == reports["pass"]["loss"]
     assert reports["held"]["confusion_matrix"] == reports["pass"]["confusion_matrix"]

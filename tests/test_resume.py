@@ -146,3 +146,53 @@ def test_a_disk_that_fills_mid_run_is_one_line_and_resume_finishes_the_run(
     resumed, whole = (json.loads((d / "metrics.json").read_text()) for d in (run_dir, reference))
     assert resumed["confusion_matrix"] == whole["confusion_matrix"]
     assert resumed["loss"] == pytest.approx(whole["loss"], abs=1e-6)
+
+
+def test_a_resumed_run_that_keeps_its_head_stage_is_calibrated_from_the_feature_cache(tmp_path, monkeypatch):
+    """The head stage's val outputs are held in the process that computed them; once a run is resumed they
+    are gone, and where the head stage's model is still the kept one (here fine-tuning at lr 1e-12 never
+    beats it) calibration reads them back from the feature cache instead of a pass over val, and fits the
+    temperature of the run that never stopped. With native bf16 (where the run trains in bf16) the head must
+    run under autocast there as in a pass: in fp32 it moved T by 3e-4."""
+    import importlib
+
+    from conftest import _write_learnable_images
+
+    from resfit import run_folder
+    from resfit.cli import main
+
+    data = tmp_path / "data"
+    _write_learnable_images(data / "train", per_class=12, size=40, seed=0)
+    _write_learnable_images(data / "val", per_class=16, size=40, seed=1)  # 32: enough to fit a temperature
+    for i in range(3):  # confident mistakes, so that the temperature is a fitted one
+        (data / "val" / "blue" / f"blue_{i:03d}.png").rename(data / "val" / "red" / f"moved_blue_{i:03d}.png")
+        (data / "val" / "red" / f"red_{i:03d}.png").rename(data / "val" / "blue" / f"moved_red_{i:03d}.png")
+    flags = ["--model", "resnet18", "--weights", "none", "--epochs", "2", "--img-size", "32", "--lr", "1e-12"]
+    flags += ["--batch-size", "8", "--workers", "0", "--seed", "3", "--quiet"]
+    assert main(["train", str(data), *flags, "--out", str(tmp_path / "whole")]) == 0
+
+    real_save, run_dir = run_folder.save_file, tmp_path / "run"
+
+    def fills_at_epoch_2(tensors, filename, metadata=None):
+        if Path(filename).parent.name == "resume" and ".epoch-2." in Path(filename).name:
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real_save(tensors, filename, metadata=metadata)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(run_folder, "save_file", fills_at_epoch_2)
+        assert main(["train", str(data), *flags, "--out", str(run_dir)]) == 8
+    loop = importlib.import_module("resfit.train.loop")  # resfit.train is also the function's name
+    passes: list[str] = []
+    real_pass = loop.predict_logits
+    monkeypatch.setattr(
+        loop,
+        "predict_logits",
+        lambda m, loader, *a, **k: passes.append(loader.dataset.split) or real_pass(m, loader, *a, **k),
+    )
+    assert main(["train", "--resume", str(run_dir), "--quiet"]) == 0
+    assert passes == ["val"], passes  # epoch 2's validation; calibration and val's report need no pass
+
+    resumed, whole = (json.loads((d / "model.json").read_text()) for d in (run_dir, tmp_path / "whole"))
+    assert resumed["best"]["epoch"] == whole["best"]["epoch"] == 0  # the head stage's model is kept
+    assert whole["temperature"] != 1.0  # a fitted one, so that a wrong read of the cache would show
+    assert resumed["temperature"] == pytest.approx(whole["temperature"], rel=1e-4)

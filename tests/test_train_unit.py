@@ -227,9 +227,52 @@ def test_val_outputs_are_held_from_validation_not_computed_again(unordered_class
     model, meta = folder.load_model()
     source, _ = folder.dataset(str(unordered_classes))
     fresh, _ = evaluate_split(
-        model, source, "val", Preprocessing.from_dict(meta["preprocessing"]), resolve_runtime("cpu", "fp32")
+        model, source, "val", Preprocessing.from_dict(meta["preprocessing"]), resolve_runtime("cpu")
     )
     assert passes == ["val", "val", "val"]  # the counter does see evaluate's passes
+    saved = json.loads((run.run_dir / "metrics.json").read_text())
+    assert saved["accuracy"] == fresh["accuracy"] and saved["confusion_matrix"] == fresh["confusion_matrix"]
+    assert saved["loss"] == pytest.approx(fresh["loss"], abs=1e-5)
+
+
+def test_whether_val_outputs_are_held_is_decided_from_their_size_before_the_pass():
+    from torch import nn
+
+    from resfit.models import build_model
+    from resfit.train.loop import MAX_HELD_VAL_BYTES, holds_val_output
+
+    model = build_model("resnet18", num_classes=10)  # 512 features + 10 logits per photo
+    fits = MAX_HELD_VAL_BYTES // ((512 + 10) * 4)
+    assert holds_val_output(model, fits, 10)
+    assert not holds_val_output(model, fits + 1, 10)
+    assert not holds_val_output(nn.Sequential(nn.Linear(4, 2)), 10, 2)  # no fc head: nothing to hold
+
+
+def test_a_val_set_too_big_to_hold_is_validated_on_logits_alone(unordered_classes, tmp_path, monkeypatch):
+    """Above the cap validation never builds the pooled features it could not keep, and the run's reports
+    are still those of a fresh pass of the saved model."""
+    import importlib
+
+    from resfit.evaluate import evaluate_split
+    from resfit.hardware import resolve_runtime
+    from resfit.model_wrappers import WithFeatures
+    from resfit.run_folder import RunFolder
+
+    loop = importlib.import_module("resfit.train.loop")  # resfit.train is also the function's name
+    monkeypatch.setattr(loop, "MAX_HELD_VAL_BYTES", 64)  # not one photo's outputs
+    models: list = []
+    real_pass = loop.predict_logits
+    monkeypatch.setattr(loop, "predict_logits", lambda m, *a, **k: models.append(m) or real_pass(m, *a, **k))
+    run = train(small_config(unordered_classes, tmp_path / "run", epochs=2, lr=0.01), say=lambda _: None)
+    assert len(models) >= 2  # each fine-tuning epoch's validation
+    assert not any(isinstance(model, WithFeatures) for model in models)
+
+    folder = RunFolder(run.run_dir)
+    model, meta = folder.load_model()
+    source, _ = folder.dataset(str(unordered_classes))
+    fresh, _ = evaluate_split(
+        model, source, "val", Preprocessing.from_dict(meta["preprocessing"]), resolve_runtime("cpu")
+    )
     saved = json.loads((run.run_dir / "metrics.json").read_text())
     assert saved["accuracy"] == fresh["accuracy"] and saved["confusion_matrix"] == fresh["confusion_matrix"]
     assert saved["loss"] == pytest.approx(fresh["loss"], abs=1e-5)

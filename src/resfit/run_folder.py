@@ -530,14 +530,16 @@ class RunFolder:
         them): divided by the temperature as the model would (calibration.scaled_logits), they stand in for a
         second pass over val."""
         meta = self.read_meta()
-        # with the run's test-time augmentation, if it has one, and the features its "unknown" rule needs
-        model, meta = self.load_model(features=needs_features(meta.get("reject")))
-        model.to(runtime.device, memory_format=torch.channels_last)
-        preprocessing = Preprocessing.from_dict(meta["preprocessing"])
-        rule = self.reject_rule(meta)
-        decoded = holding(decoded or {}, preprocessing)
+        splits = [split for split in SPLITS if split in source.splits]
+        if any(split != "val" or raw_val_logits is None for split in splits):  # a pass is needed: load it
+            # with the run's test-time augmentation, if it has one, and the features its "unknown" rule needs
+            model, meta = self.load_model(features=needs_features(meta.get("reject")))
+            model.to(runtime.device, memory_format=torch.channels_last)
+            preprocessing = Preprocessing.from_dict(meta["preprocessing"])
+            rule = self.reject_rule(meta)
+            decoded = holding(decoded or {}, preprocessing)
         results = {}
-        for split in [split for split in SPLITS if split in source.splits]:
+        for split in splits:
             if split == "val" and raw_val_logits is not None:
                 labels = np.asarray(source.splits["val"].labels)
                 if len(raw_val_logits) != len(labels):

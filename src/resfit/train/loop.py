@@ -93,6 +93,16 @@ CURVES_EVERY_S = 60.0
 MAX_HELD_VAL_BYTES = 256 * 2**20
 
 
+def holds_val_output(model: nn.Module, num_images: int, num_classes: int) -> bool:
+    """Whether validating ``model`` on ``num_images`` photos should keep its outputs (float32 logits and
+    pooled features) for calibration: decided before the pass, so a val set too big to hold is scored on
+    logits alone and never builds the features it would then drop."""
+    fc = getattr(model, "fc", None)
+    if not isinstance(fc, nn.Linear):
+        return False
+    return num_images * (num_classes + fc.in_features) * 4 <= MAX_HELD_VAL_BYTES
+
+
 @dataclass
 class RunResult:
     run_dir: Path
@@ -403,7 +413,7 @@ class Trainer:
                 return None  # not this split's features after all: the pass over the photos decides
             if indices is not None:
                 features = features[indices]
-            with torch.no_grad():
+            with torch.inference_mode(), self.runtime.autocast():  # the head as a pass runs it (bf16 too)
                 return head(torch.from_numpy(features).to(device)).float().cpu().numpy()
 
         return outputs
@@ -544,7 +554,8 @@ class Trainer:
         if self.dist.enabled:
             dataset = torch.utils.data.Subset(dataset, indices.tolist())
         loader = eval_loader(dataset, self.config.num_workers)
-        if self.dist.enabled or not hasattr(self.kept_model, "fc"):  # logits only: nothing held
+        num_classes = len(self.source.class_names)
+        if self.dist.enabled or not holds_val_output(self.kept_model, len(dataset), num_classes):
             logits, labels = predict_logits(self.kept_model, loader, self.runtime)
             combined = gather_rows(self.dist, np.column_stack([logits, labels]), indices)
             logits, labels = combined[:, :-1], combined[:, -1].astype(np.int64)
@@ -552,7 +563,7 @@ class Trainer:
         else:  # the features too (free: the fc's input), held for calibration should this model be kept
             output, labels = predict_logits(WithFeatures(self.kept_model), loader, self.runtime)
             self._hold_val_output(output)
-            logits = output[:, : len(self.source.class_names)]
+            logits = output[:, :num_classes]
         return cross_entropy(logits, labels), float((logits.argmax(1) == labels).mean())
 
     def _hold_val_output(self, output: np.ndarray | None) -> None:
