@@ -13,8 +13,8 @@ how glibc maps eager PyTorch's large activations (9.2 against 16.5 img/s for the
 the same loop timed in this process is its own row and the reference the agreement is scored against. Top-1 agreement and max |logit difference| are against eager fp32 PyTorch on
 hymenoptera photos (train + val: --score-images of the ~400, evenly spaced; 0 = all) and every
 --flowers-every-th flowers5 photo, a stricter test with a 10-class head than with 2 or 5 classes. The last
-row is what `resfit serve` and batch `predict` load (auto with gated int8 timed too where bf16 is
-emulated). int8 is calibrated on hymenoptera train photos, so its agreement includes them. Every shared photo:
+row is what `resfit serve` runs once its background int8 verdict is in, and batch `predict` once a verdict is
+cached (auto with the gated int8 IR timed too; classifier.int8_plan). int8 is calibrated on hymenoptera train photos, so its agreement includes them. Every shared photo:
 `--score-images 0 --flowers-every 1`; `--score-rows default` then scores only the two default rows (the others
 keep their speed and show no agreement), which keeps that run within minutes. Each row also gives its
 fp32-equivalent arithmetic rate (forward GFLOP per image x images/s) as a fraction of the CPU's measured
@@ -201,12 +201,16 @@ def bench_arch(arch: str, args, work: Path, trained: Path | None = None) -> dict
     print(
         f"\n== {trained or arch} @{size}, batch {args.batch} ==  auto: {auto.choice.describe()}", flush=True
     )
-    # What `resfit serve` and batch `predict` load: auto, with gated int8 timed too where bf16 is emulated.
+    # What `resfit serve` runs once its background int8 verdict is in (and batch `predict` once one is
+    # cached; where bf16 is emulated it reaches one first): auto with the gated int8 IR timed too.
     serving = Classifier.load(
         run,
-        config=InferenceConfig(cache_dir=str(cache), int8_when_safe=True, batch_size=args.batch),
+        config=InferenceConfig(
+            cache_dir=str(cache), int8_when_safe=True, int8_later=True, batch_size=args.batch
+        ),
         say=say_indented,
     )
+    serving.reach_int8_verdict(say_indented)
     print(f"serve / batch predict: {serving.choice.describe()}", flush=True)
     if trained is None:
         paths, photos = load_photos(auto, args.score_images, args.flowers_every)

@@ -260,6 +260,16 @@ def test_int8_joins_auto_where_bf16_is_emulated_and_only_if_it_passes(tiny_run, 
     chosen = (classifier.choice.name, classifier.choice.precision)
     assert chosen == (("openvino", "int8") if fastest == "openvino-int8" else (fastest, "fp32"))
     assert "int8 agreed with fp32 on 100.0% of 12 validation images" in classifier.describe()
+    # With native bf16 a batch predict never waits for a quantization (int8 gains less over bf16), but once
+    # a verdict is cached (serve reaches one in the background) int8 is timed beside the bf16 engines.
+    _as_cpu(monkeypatch, ZEN5)
+    fresh = Classifier.load(tiny_run, config=replace(config, cache_dir=str(tmp_path / "fresh")))
+    assert fresh.choice.precision == "bf16" and "int8" not in fresh.describe()
+    assert not list((tmp_path / "fresh").rglob("model-int8*"))  # nothing was quantized
+    Classifier.load(tiny_run, config=config)  # tmp_path holds the verdict reached above
+    timed = [json.loads(p.read_text())["images_per_second"] for p in (tmp_path / "engine-timings").glob("*")]
+    assert {"openvino-int8", "openvino", "torch"} in [set(figures) for figures in timed]
+    _as_cpu(monkeypatch, EPYC_AVX2)
     # Where int8 is the fastest measured, auto runs it and says so.
     monkeypatch.setattr(
         "resfit.inference.classifier.read_measurement", lambda path: {**figures, "openvino-int8": 1e9}
@@ -267,11 +277,11 @@ def test_int8_joins_auto_where_bf16_is_emulated_and_only_if_it_passes(tiny_run, 
     int8 = Classifier.load(tiny_run, config=config)
     assert (int8.choice.name, int8.choice.precision) == ("openvino", "int8")
     assert "passed its gate" in int8.describe() and "--precision fp32" in int8.describe()
-    # Without the flag, with an explicit precision, or on a CPU with native bf16, int8 is never considered.
+    # Without the flag or with an explicit precision, int8 is never considered.
     for other, cpu in [
         (InferenceConfig(cache_dir=str(tmp_path)), EPYC_AVX2),
         (replace(config, precision="fp32"), EPYC_AVX2),
-        (config, ZEN5),
+        (InferenceConfig(cache_dir=str(tmp_path)), ZEN5),
     ]:
         _as_cpu(monkeypatch, cpu)
         loaded = Classifier.load(tiny_run, config=other)
@@ -281,6 +291,17 @@ def test_int8_joins_auto_where_bf16_is_emulated_and_only_if_it_passes(tiny_run, 
     monkeypatch.setattr(export_module, "INT8_MIN_AGREEMENT", 1.01)
     refused = Classifier.load(tiny_run, config=config)
     assert refused.choice.precision == "fp32" and "int8 not used: int8 agreed" in refused.describe()
+
+
+def test_int8_plan_quantizes_up_front_only_where_bf16_is_emulated():
+    from resfit.inference.classifier import int8_plan
+
+    assert int8_plan("fp32", later_allowed=False, verdict_reached=False) == "now"  # AVX2 batch predict
+    assert int8_plan("fp32", later_allowed=True, verdict_reached=False) == "later"  # serve, in the background
+    assert int8_plan("bf16", later_allowed=False, verdict_reached=False) is None  # native bf16: no wait
+    assert int8_plan("bf16", later_allowed=True, verdict_reached=False) == "later"
+    assert int8_plan("bf16", later_allowed=False, verdict_reached=True) == "now"  # a cached verdict: free
+    assert int8_plan("int8", later_allowed=True, verdict_reached=True) is None  # asked for: not auto's
 
 
 def test_one_load_reads_and_hashes_the_weights_once(tiny_run, tmp_path, monkeypatch):

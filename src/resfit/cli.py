@@ -172,8 +172,8 @@ def _say_stderr(message: str) -> None:
     print(f"resfit: {message}", file=sys.stderr, flush=True)
 
 
-# Batch predict (this many images or more) and serve may run gated int8 where bf16 is emulated: its one-time
-# quantization and check (minutes where NNCF's accuracy control runs) pay off there, not for a few images.
+# Batch predict (this many images or more) and serve may run gated int8: its one-time quantization and check
+# (minutes where NNCF's accuracy control runs) pay off there, not for a few images (classifier.int8_plan).
 PREDICT_INT8_MIN_IMAGES = 32
 
 

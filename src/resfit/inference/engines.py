@@ -38,15 +38,15 @@ BACKEND_PRECISIONS = ("auto", "fp32", "bf16", "int8")
 PERFORMANCE_HINTS = ("LATENCY", "THROUGHPUT")
 # Which precisions each backend can run on CPU.
 # int8 needs the run's images to calibrate on and is kept only where it agrees with fp32: asked for, or
-# timed by auto among the fp32 engines where bf16 is emulated (INT8_ENGINE).
+# timed by auto beside the other engines for serve and batch predict (INT8_ENGINE, classifier.int8_plan).
 SUPPORTED_PRECISIONS = {
     "torch": ("fp32", "bf16"),
     "onnxruntime": ("fp32",),
     "openvino": ("fp32", "bf16", "int8"),
 }
 _PIP_NAMES = {"onnxruntime": "onnxruntime", "openvino": "openvino"}
-# The gated int8 OpenVINO IR as one more engine for auto to time (only where bf16 is emulated, and only for
-# serve and batch predict: InferenceConfig.int8_when_safe).
+# The gated int8 OpenVINO IR as one more engine for auto to time (only for serve and batch predict:
+# InferenceConfig.int8_when_safe; when it is quantized: classifier.int8_plan).
 INT8_ENGINE = "openvino-int8"
 
 
