@@ -14,7 +14,8 @@ the same loop timed in this process is its own row and the reference the agreeme
 hymenoptera photos (train + val: --score-images of the ~400, evenly spaced; 0 = all) and every
 --flowers-every-th flowers5 photo, a stricter test with a 10-class head than with 2 or 5 classes. The last
 row is what `resfit serve` runs once its background int8 verdict is in, and batch `predict` once a verdict is
-cached (auto with the gated int8 IR timed too; classifier.int8_plan). int8 is calibrated on hymenoptera train photos, so its agreement includes them. Every shared photo:
+cached (auto with the gated int8 IR timed too; classifier.int8_plan). int8 is calibrated on hymenoptera train
+photos, so its agreement includes them. Every shared photo:
 `--score-images 0 --flowers-every 1`; `--score-rows default` then scores only the two default rows (the others
 keep their speed and show no agreement), which keeps that run within minutes. Each row also gives its
 fp32-equivalent arithmetic rate (forward GFLOP per image x images/s) as a fraction of the CPU's measured

@@ -6,8 +6,8 @@ Each start runs `resfit serve RUN_DIR` as a user would, from an empty export cac
 RESFIT_CACHE), and records: seconds until /health answers, the first /predict (one of the run's validation
 photos) and its answer, the backend line; then, where serve quantizes int8 in the background (every CPU
 since a444cd3), seconds until that step says what it decided ("switched to int8" or "staying on ..."), or
-that --wait-int8 ran out; last, the
-exit code and seconds of a Ctrl-C (SIGINT) and whether any quantizing child process outlived it. With
+that --wait-int8 ran out; last, the exit code and seconds of a Ctrl-C (SIGINT) and whether any quantizing
+child process outlived it. With
 --stop-early S the Ctrl-C comes S seconds after the first answer instead, while int8 is still being quantized.
 Run it where nothing else runs; under the AVX2 stand-in set ONEDNN_MAX_CPU_ISA=AVX2
 ATEN_CPU_CAPABILITY=avx2 (the serve processes inherit it). The JSON (machine, commit, command) goes to

@@ -277,6 +277,7 @@ def test_int8_joins_auto_where_bf16_is_emulated_and_only_if_it_passes(tiny_run, 
     int8 = Classifier.load(tiny_run, config=config)
     assert (int8.choice.name, int8.choice.precision) == ("openvino", "int8")
     assert "passed its gate" in int8.describe() and "--precision fp32" in int8.describe()
+    assert "int8 because bf16 would be emulated on this CPU" in int8.describe()
     # Without the flag or with an explicit precision, int8 is never considered.
     for other, cpu in [
         (InferenceConfig(cache_dir=str(tmp_path)), EPYC_AVX2),

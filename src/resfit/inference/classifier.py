@@ -411,13 +411,13 @@ def _fastest_choice(engines: _Engines, choice: BackendChoice, int8_note: str) ->
     name, measured, built = _fastest_engine(engines, choice.precision)
     backend_engine = built or engines(name, choice.precision)
     precision_reason = choice.reason.partition("; ")[2]  # what follows the rule's own "why"
-    if name == INT8_ENGINE:
-        name, choice = "openvino", replace(choice, precision="int8")
+    if name == INT8_ENGINE:  # the reason from the precision it replaces: fp32 where bf16 is emulated
         why = (
             "bf16 would be emulated on this CPU"
             if choice.precision == "fp32"
             else "it was the fastest measured"
         )
+        name, choice = "openvino", replace(choice, precision="int8")
         precision_reason = (
             f"int8 because {why} and int8 passed its gate (--precision fp32 for exact fp32 results)"
         )

@@ -48,6 +48,7 @@ from ..model_wrappers import WithFeatures
 from ..models import (
     apply_pretrained,
     build_model,
+    feature_dim,
     freeze_batchnorm,
     freeze_lowest_blocks,
     layerwise_param_groups,
@@ -97,10 +98,9 @@ def holds_val_output(model: nn.Module, num_images: int, num_classes: int) -> boo
     """Whether validating ``model`` on ``num_images`` photos should keep its outputs (float32 logits and
     pooled features) for calibration: decided before the pass, so a val set too big to hold is scored on
     logits alone and never builds the features it would then drop."""
-    fc = getattr(model, "fc", None)
-    if not isinstance(fc, nn.Linear):
+    if not hasattr(model, "fc"):
         return False
-    return num_images * (num_classes + fc.in_features) * 4 <= MAX_HELD_VAL_BYTES
+    return num_images * (num_classes + feature_dim(model)) * 4 <= MAX_HELD_VAL_BYTES
 
 
 @dataclass
@@ -199,7 +199,8 @@ class Trainer:
         self.tracking = Tracking.off()  # --log: opened on rank 0 once the run folder exists
         self._curves_drawn: tuple[float, int] | None = None  # curves.png's last drawing: when, how many rows
         # Validation outputs (logits, then normalised pooled features, val order): of the model validated last,
-        # and of the kept model (the one model.safetensors holds); None where not held (see _hold_val_output).
+        # and of the kept model (the one model.safetensors holds); None where not held (see holds_val_output);
+        # record() keeps the first as the second when its epoch is kept.
         self._val_output: np.ndarray | None = None
         self._kept_val_output: np.ndarray | None = None
 
@@ -341,9 +342,11 @@ class Trainer:
         broadcast_module(self.dist, head)  # every process continues from exactly rank 0's head
         # The head stage's model on val as a pass over the photos gives it: the head on the same device and
         # in the same precision as there (the pooled features are the pass's own, cached before the head).
-        with torch.inference_mode(), self.runtime.autocast():
-            held = WithFeatures(self.model).from_features(torch.from_numpy(val_x).to(self.runtime.device))
-        self._hold_val_output(held.cpu().numpy())
+        self._val_output = None
+        if holds_val_output(self.model, len(val_x), len(self.source.class_names)):
+            with torch.inference_mode(), self.runtime.autocast():
+                held = WithFeatures(self.model).from_features(torch.from_numpy(val_x).to(self.runtime.device))
+            self._val_output = held.cpu().numpy()
         return {
             "epoch": 0,
             "stage": "head",
@@ -559,16 +562,12 @@ class Trainer:
             logits, labels = predict_logits(self.kept_model, loader, self.runtime)
             combined = gather_rows(self.dist, np.column_stack([logits, labels]), indices)
             logits, labels = combined[:, :-1], combined[:, -1].astype(np.int64)
-            self._hold_val_output(None)
+            self._val_output = None
         else:  # the features too (free: the fc's input), held for calibration should this model be kept
             output, labels = predict_logits(WithFeatures(self.kept_model), loader, self.runtime)
-            self._hold_val_output(output)
+            self._val_output = output
             logits = output[:, :num_classes]
         return cross_entropy(logits, labels), float((logits.argmax(1) == labels).mean())
-
-    def _hold_val_output(self, output: np.ndarray | None) -> None:
-        """Hold the model just validated's outputs on val (None: not held); record() keeps them with it."""
-        self._val_output = output if output is not None and output.nbytes <= MAX_HELD_VAL_BYTES else None
 
     def write_history(self, history: list[dict], complete: bool = False) -> None:
         """history.csv after every epoch; curves.png when due (curves_due), so a long run's picture is at
