@@ -32,7 +32,7 @@ def _train_parser(sub) -> None:
         "shards (resfit shard)",
     )
     p.add_argument(
-        "--resume", metavar="RUN_DIR", help="continue an interrupted run from its last completed epoch"
+        "--resume", metavar="RUN_DIR", help="continue an interrupted run from the last epoch it saved"
     )
     add_flags(p, TrainConfig, skip={"data"})
 
