@@ -157,6 +157,11 @@ RECIPES = {
     "resfit-ema": Recipe(
         "resfit", {"ema": True}, "the default, validating and keeping an EMA of the weights"
     ),
+    "resfit-one-se": Recipe(
+        "resfit",
+        {"keep": "one-se"},
+        "the default keeping the head stage unless a fine-tuned epoch beats it on val by more than one SE",
+    ),
     "resfit-lr1e-4-ema": Recipe(
         "resfit", {"lr": 1e-4, "ema": True}, "a 10x smaller lr, validating and keeping an EMA of the weights"
     ),

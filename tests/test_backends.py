@@ -303,6 +303,9 @@ def test_int8_plan_quantizes_up_front_only_where_bf16_is_emulated():
     assert int8_plan("bf16", later_allowed=True, verdict_reached=False) == "later"
     assert int8_plan("bf16", later_allowed=False, verdict_reached=True) == "now"  # a cached verdict: free
     assert int8_plan("int8", later_allowed=True, verdict_reached=True) is None  # asked for: not auto's
+    # a few-image predict: a cached verdict is read, never a quantization started
+    assert int8_plan("fp32", later_allowed=False, verdict_reached=True, may_quantize=False) == "now"
+    assert int8_plan("fp32", later_allowed=False, verdict_reached=False, may_quantize=False) is None
 
 
 def test_one_load_reads_and_hashes_the_weights_once(tiny_run, tmp_path, monkeypatch):
@@ -411,9 +414,11 @@ def test_auto_times_the_engines_once_then_keeps_the_fastest(tiny_run, tmp_path, 
     assert explicit.choice.name == "torch" and "asked for" in explicit.choice.reason
 
 
-def test_serve_and_batch_predict_consider_int8_a_few_images_do_not(
+def test_serve_and_batch_predict_quantize_int8_a_few_images_only_read_its_verdict(
     tiny_run, tiny_imagefolder, tmp_path, monkeypatch, capsys
 ):
+    """A first few-image predict never waits for a quantization; a batch predict quantizes and checks int8;
+    a few-image predict after it reads the cached verdict and has int8 among its engines, as serve does."""
     import resfit.serve as serve_module
     from resfit.cli import PREDICT_INT8_MIN_IMAGES, main
 
@@ -428,6 +433,9 @@ def test_serve_and_batch_predict_consider_int8_a_few_images_do_not(
     out, err = capsys.readouterr()
     assert "openvino-int8" in err and "int8 agreed with fp32" in err and "(batch 16, " in err
     assert len(out.strip().splitlines()) == len(photos)
+    assert main(["predict", str(tiny_run), *photos[:2]]) == 0
+    err = capsys.readouterr().err
+    assert "openvino-int8" in err and "(batch 2, " in err and "quantiz" not in err
     served = []
     monkeypatch.setattr(serve_module, "run_server", lambda classifier, *args: served.append(classifier))
     assert main(["serve", str(tiny_run), "--port", "8765"]) == 0

@@ -186,7 +186,9 @@ def final_state(run_dir) -> tuple[dict, dict[str, torch.Tensor]]:
     return state, {k: v for k, v in tensors.items() if k.startswith("model.")}
 
 
-TINY_RUN = dict(model="resnet18", weights="none", epochs=2, img_size=32, batch_size=12, num_workers=0)
+TINY_RUN = dict(
+    model="resnet18", weights="none", epochs=2, img_size=32, batch_size=12, num_workers=0, resume_every=0
+)
 
 
 def interrupt_and_resume(config: TrainConfig) -> tuple[dict, dict]:

@@ -24,6 +24,8 @@ from safetensors.numpy import load_file
 
 WEIGHT_TOLERANCE = 1e-4
 COMMON = [
+    "--resume-every",
+    "0",  # a state after every epoch: the kill lands after epoch 1's
     "--model",
     "resnet18",
     "--weights",

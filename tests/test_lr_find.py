@@ -28,7 +28,7 @@ from resfit.train.lr_find import (
 SMALL = dict(model="resnet18", weights="none", img_size=32, batch_size=8, num_workers=0, quiet=True)
 SMALL_FLAGS = ["--model", "resnet18", "--weights", "none", "--img-size", "32", "--batch-size", "8"]
 SMALL_FLAGS += ["--workers", "0", "--quiet"]
-AUTO = SMALL | {"lr": "auto", "epochs": 1}
+AUTO = SMALL | {"lr": "auto", "epochs": 1, "resume_every": 0}
 
 
 def quiet(_message: str) -> None:

@@ -29,7 +29,7 @@ from test_distributed import COMMON, WEIGHT_TOLERANCE, _last_weights, _max_weigh
 SRC = Path(__file__).resolve().parents[1] / "src"
 TIMEOUT_S = 300  # per run; c10d's join_timeout below makes a lost agent fail well before this
 # Epochs long enough (about a second) for the kill to land between epoch 1 and epoch 2.
-FLAGS = [*COMMON]
+FLAGS = [*COMMON]  # with --resume-every 0
 FLAGS[FLAGS.index("--img-size") + 1] = "64"
 
 

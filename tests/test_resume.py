@@ -74,6 +74,8 @@ def test_killed_run_resumes_to_the_same_metrics(shared_dir, tmp_path):
         "resfit",
         "train",
         str(data),
+        "--resume-every",
+        "0",
         "--model",
         "resnet18",
         "--weights",
@@ -123,7 +125,7 @@ def test_a_disk_that_fills_mid_run_is_one_line_and_resume_finishes_the_run(
 
     real_save = run_folder.save_file
     run_dir = tmp_path / "run"
-    flags = ["--model", "resnet18", "--weights", "none", "--epochs", "3", "--img-size", "32"]
+    flags = ["--model", "resnet18", "--weights", "none", "--epochs", "3", "--img-size", "32", "--resume-every", "0"]
     flags += ["--batch-size", "8", "--workers", "0", "--seed", "3", "--quiet"]
 
     def fills_at_epoch_2(tensors, filename, metadata=None):
@@ -168,6 +170,7 @@ def test_a_resumed_run_that_keeps_its_head_stage_is_calibrated_from_the_feature_
         (data / "val" / "blue" / f"blue_{i:03d}.png").rename(data / "val" / "red" / f"moved_blue_{i:03d}.png")
         (data / "val" / "red" / f"red_{i:03d}.png").rename(data / "val" / "blue" / f"moved_red_{i:03d}.png")
     flags = ["--model", "resnet18", "--weights", "none", "--epochs", "2", "--img-size", "32", "--lr", "1e-12"]
+    flags += ["--resume-every", "0"]
     flags += ["--batch-size", "8", "--workers", "0", "--seed", "3", "--quiet"]
     assert main(["train", str(data), *flags, "--out", str(tmp_path / "whole")]) == 0
 

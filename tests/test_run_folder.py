@@ -123,7 +123,7 @@ def test_history_round_trips_and_gives_the_training_time(tmp_path):
 
 def test_resume_state_keeps_only_the_last_epoch(tmp_path):
     folder = RunFolder(tmp_path)
-    with pytest.raises(RunFolderError, match="never finished an epoch"):
+    with pytest.raises(RunFolderError, match="before its first one was written"):
         folder.read_resume()
     for epoch in (1, 2):
         folder.write_resume(epoch, {"model.w": torch.full((2,), float(epoch))}, {"best_epoch": epoch})

@@ -144,6 +144,8 @@ def _train_cli(data: Path, out: Path, epochs: int) -> list[str]:
         "resfit",
         "train",
         str(data),
+        "--resume-every",
+        "0",
         "--model",
         "resnet18",
         "--weights",

@@ -22,7 +22,7 @@ from resfit.train.tracking import Tracking
 
 EPOCHS = 2
 FAST = ["--model", "resnet18", "--weights", "none", "--img-size", "32", "--batch-size", "8"]
-FAST += ["--workers", "0", "--quiet"]
+FAST += ["--workers", "0", "--quiet", "--resume-every", "0"]
 
 
 def tiny_train_args(data: Path, out: Path, *extra: str, epochs: int = EPOCHS) -> list[str]:

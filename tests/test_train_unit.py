@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib
 import json
 
 import numpy as np
@@ -148,6 +149,73 @@ def test_wise_ft_share_is_checked():
 
     with pytest.raises(ConfigError, match="wise-ft"):
         TrainConfig(data="x", wise_ft=1.5).validate()
+
+
+def test_the_one_se_rule_keeps_the_head_stage_unless_beaten_by_more_than_one_standard_error():
+    """On 53 validation photos a one-photo lead over the head stage is luck, a five-photo lead is not; on
+    5,000 photos two points is far more than one standard error. Once a fine-tuned epoch is kept, the best
+    one is (no head stage to beat)."""
+    from resfit.errors import ConfigError
+    from resfit.train.recipe import replaces_kept_model
+
+    head = 40 / 53
+    assert replaces_kept_model(41 / 53, head, None, 53, "best")
+    assert not replaces_kept_model(41 / 53, head, head, 53, "one-se")  # +1 photo: one SE is ~2.9 photos here
+    assert not replaces_kept_model(42 / 53, head, head, 53, "one-se")  # +2 photos
+    assert replaces_kept_model(43 / 53, head, head, 53, "one-se")  # +3 photos
+    assert replaces_kept_model(0.80, 0.78, 0.78, 5000, "one-se")
+    assert replaces_kept_model(0.80, 0.79, None, 53, "one-se")  # a fine-tuned epoch kept: the best wins
+    assert not replaces_kept_model(0.79, 0.79, None, 53, "best")  # a tie keeps the earlier model
+    with pytest.raises(ConfigError, match="keep"):
+        replaces_kept_model(0.9, 0.5, None, 53, "latest")
+    with pytest.raises(ConfigError, match="keep"):
+        TrainConfig(data="x", keep="latest").validate()
+
+
+def test_the_loop_asks_the_keep_rule_with_the_head_stage_and_the_val_size(
+    unordered_classes, tmp_path, monkeypatch
+):
+    """--keep one-se: each fine-tuned epoch is judged against the head stage's val accuracy on the whole val
+    split while the head stage is kept, and an epoch the rule refuses leaves the head stage's model kept."""
+    loop = importlib.import_module("resfit.train.loop")
+    asked = []
+
+    def refuse_fine_tuned(val_acc, kept_val_acc, head_stage_val_acc, n_val, rule):
+        asked.append((kept_val_acc, head_stage_val_acc, n_val, rule))
+        return kept_val_acc < 0  # only the first model (the head stage) is kept
+
+    monkeypatch.setattr(loop, "replaces_kept_model", refuse_fine_tuned)
+    run = tmp_path / "run"
+    result = train(small_config(unordered_classes, run, epochs=2, keep="one-se"), say=lambda _: None)
+    head_val = result.history[0]["val_acc"]
+    assert asked == [(-1.0, None, 15, "one-se")] + [(head_val, head_val, 15, "one-se")] * 2
+    assert result.best_epoch == 0 and json.loads((run / "model.json").read_text())["best"]["epoch"] == 0
+
+
+def test_resume_state_is_written_at_most_every_resume_every_seconds_and_after_the_last_epoch(
+    unordered_classes, tmp_path, monkeypatch
+):
+    """A run shorter than --resume-every writes one resume state, the last epoch's (a crash then costs a run
+    this short, not 8% of every run); --resume-every 0 writes one after every epoch, the head stage's too."""
+    from resfit.train.state import saves_resume_state
+
+    loop = importlib.import_module("resfit.train.loop")
+    saved = []
+    save_state = loop.save_state
+    monkeypatch.setattr(
+        loop,
+        "save_state",
+        lambda run_dir, epoch, *rest: saved.append(epoch) or save_state(run_dir, epoch, *rest),
+    )
+    train(small_config(unordered_classes, tmp_path / "default", epochs=3), say=lambda _: None)
+    assert saved == [3]
+    saved.clear()
+    train(small_config(unordered_classes, tmp_path / "every", epochs=3, resume_every=0), say=lambda _: None)
+    assert saved == [0, 1, 2, 3]
+    assert not saves_resume_state(59.0, 60.0, last_epoch=False) and saves_resume_state(
+        60.0, 60.0, last_epoch=False
+    )
+    assert saves_resume_state(0.1, 60.0, last_epoch=True)
 
 
 def test_damaged_resume_weights_are_a_run_folder_error(unordered_classes, tmp_path):

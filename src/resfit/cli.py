@@ -32,7 +32,7 @@ def _train_parser(sub) -> None:
         "shards (resfit shard)",
     )
     p.add_argument(
-        "--resume", metavar="RUN_DIR", help="continue an interrupted run from its last completed epoch"
+        "--resume", metavar="RUN_DIR", help="continue an interrupted run from the last epoch it saved"
     )
     add_flags(p, TrainConfig, skip={"data"})
 
@@ -172,8 +172,9 @@ def _say_stderr(message: str) -> None:
     print(f"resfit: {message}", file=sys.stderr, flush=True)
 
 
-# Batch predict (this many images or more) and serve may run gated int8: its one-time quantization and check
-# (minutes where NNCF's accuracy control runs) pay off there, not for a few images (classifier.int8_plan).
+# Batch predict (this many images or more) and serve may quantize and check gated int8 (minutes where NNCF's
+# accuracy control runs, once): it pays off there; a few-image predict uses int8 only once a verdict is cached
+# (classifier.int8_plan).
 PREDICT_INT8_MIN_IMAGES = 32
 
 
@@ -266,7 +267,8 @@ def _run_predict(args) -> int:
 
     classifier = _load_classifier(
         args,
-        int8_when_safe=len(paths) >= PREDICT_INT8_MIN_IMAGES,
+        int8_when_safe=True,
+        int8_quantize=len(paths) >= PREDICT_INT8_MIN_IMAGES,
         batch_size=min(len(paths), PREDICT_BATCH_SIZE),
     )
     failed = 0

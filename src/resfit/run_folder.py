@@ -376,7 +376,8 @@ class RunFolder:
         if not self.state_file.is_file():
             raise RunFolderError(
                 f"{self.path} has no resume state ({self.RESUME_DIR}/{self.RESUME_STATE}): "
-                "it never finished an epoch"
+                "it stopped before its first one was written (after the first epoch that ends "
+                "--resume-every seconds into training)"
             )
         state = self._read_json(self.state_file)
         return state, self._read_tensors(self.resume_dir / state["tensors"])

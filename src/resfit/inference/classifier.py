@@ -130,6 +130,9 @@ class InferenceConfig:
     # with int8_when_safe, and no int8 verdict cached yet: load on the fastest fp32 engine at once and leave
     # int8 (minutes to quantize and check) to reach_int8_verdict, which serve runs in the background
     int8_later: bool = False
+    # with int8_when_safe, and no int8 verdict cached yet: False never quantizes (a few-image predict joins
+    # int8 only once serve or a batch predict has checked it, and then answers as they do)
+    int8_quantize: bool = True
     # images per engine call the caller will mostly run (serve: its largest batch; predict: up to 16): auto
     # times the engines at this batch, since which is fastest changes with it
     batch_size: int = PREDICT_BATCH_SIZE
@@ -207,7 +210,12 @@ class Classifier:
         int8_note, int8_later = "", False
         if config.int8_when_safe and config.backend == "auto" and config.precision == "auto":
             if runtime.device == "cpu" and is_available("openvino"):
-                plan = int8_plan(choice.precision, config.int8_later, int8_verdict_is_reached(run, cache_dir))
+                plan = int8_plan(
+                    choice.precision,
+                    config.int8_later,
+                    int8_verdict_is_reached(run, cache_dir),
+                    config.int8_quantize,
+                )
                 if plan == "later":
                     int8_later = True
                     int8_note = "int8 is being quantized and checked in the background (once; minutes)"
@@ -388,9 +396,14 @@ class _Engines:
         return TorchBackend(self.run.model, precision, self.runtime.device)
 
 
-def int8_plan(precision: str, later_allowed: bool, verdict_reached: bool) -> str | None:
-    """When the gated int8 IR joins auto's candidates for serve and batch predict: "now" (quantize and check
-    before loading, or read the cached verdict), "later" (serve: in the background), or None (not at all).
+def int8_plan(
+    precision: str, later_allowed: bool, verdict_reached: bool, may_quantize: bool = True
+) -> str | None:
+    """When the gated int8 IR joins auto's candidates: "now" (quantize and check before loading, or read the
+    cached verdict), "later" (serve: in the background), or None (not at all).
+
+    A cached verdict is free to read, so every caller that allows int8 reads it: a few-image predict
+    (``may_quantize`` False) then answers on the engine serve and a batch predict chose, and never waits.
 
     Where bf16 is emulated auto runs fp32 and int8 is about twice as fast (issue #17), worth minutes of
     quantization once. With native bf16 int8 gains far less over bf16 (1.13x on a 2-core Zen 5: 126.8
@@ -400,6 +413,8 @@ def int8_plan(precision: str, later_allowed: bool, verdict_reached: bool) -> str
         return None
     if verdict_reached:
         return "now"
+    if not may_quantize:
+        return None
     if later_allowed:
         return "later"
     return "now" if precision == "fp32" else None

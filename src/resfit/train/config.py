@@ -16,7 +16,7 @@ from ..rejection import DEFAULT_TARGET as DEFAULT_REJECT_TARGET
 from ..rejection import SCORES as REJECT_SCORES
 from ..rejection import parse_target as parse_reject_target
 from ..settings import check_choices, int_list, number_or_auto, setting
-from .recipe import BALANCE_MODES
+from .recipe import BALANCE_MODES, KEEP_RULES
 from .tracking import check_trackers, tracker_names
 
 OPTIMIZERS = ("adamw", "sgd")
@@ -87,6 +87,12 @@ class TrainConfig:
         help="decode and resize each image once into a memory-mapped cache (auto: at img-size <= 128)",
     )
     patience: int = setting(3, help="early stopping on validation loss")
+    resume_every: float = setting(
+        60.0,
+        metavar="SECONDS",
+        help="write the resume state at the end of an epoch at most every SECONDS (and after the last epoch); "
+        "0: after every epoch",
+    )
     multi_scale: bool = setting(
         False, help="progressive resizing: early epochs at smaller sizes, the last at --img-size"
     )
@@ -103,6 +109,12 @@ class TrainConfig:
         metavar="SHARE",
         help="keep SHARE x the last fine-tuned weights + (1 - SHARE) x the head stage's (WiSE-FT); "
         "1 keeps the best epoch on val",
+    )
+    keep: str = setting(
+        "best",
+        choices=KEEP_RULES,
+        help="which validated model the run keeps: best (highest val accuracy) or one-se (the head stage "
+        "unless a fine-tuned epoch beats it on val by more than one standard error)",
     )
     mixup: float = setting(0.0, metavar="ALPHA", help="mixup Beta alpha (0 = off)")
     cutmix: float = setting(0.0, metavar="ALPHA", help="cutmix Beta alpha (0 = off)")
@@ -194,6 +206,7 @@ class TrainConfig:
             ),
             (0 < self.layer_decay <= 1, f"layer-decay must be in (0, 1], got {self.layer_decay}"),
             (0 <= self.label_smoothing < 1, f"label-smoothing must be in [0, 1), got {self.label_smoothing}"),
+            (self.resume_every >= 0, f"resume-every must be >= 0 seconds, got {self.resume_every}"),
             (0 <= self.wise_ft <= 1, f"wise-ft must be in [0, 1], got {self.wise_ft}"),
             (0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}"),
             (0 < self.val_fraction < 1, f"val-fraction must be in (0, 1), got {self.val_fraction}"),

@@ -79,9 +79,17 @@ from .recipe import (
     epoch_sizes,
     interpolate_weights,
     make_ema,
+    replaces_kept_model,
 )
 from .resolve import DataFacts, resolve_settings
-from .state import load_start_weights, load_state, restore, save_start_weights, save_state
+from .state import (
+    load_start_weights,
+    load_state,
+    restore,
+    save_start_weights,
+    save_state,
+    saves_resume_state,
+)
 from .step import fine_tuning_loss, training_step
 from .tracking import Tracking, open_tracking, require_tracker_packages
 
@@ -598,7 +606,7 @@ class Trainer:
         """What a user does once space is freed: resume from the last epoch saved, or start again."""
         folder = RunFolder(self.run_dir)
         if folder.state_file.is_file():
-            return f"`resfit train --resume {self.run_dir}` continues from the last completed epoch"
+            return f"`resfit train --resume {self.run_dir}` continues from the last epoch it saved"
         return f"remove {self.run_dir} (no epoch was saved yet) and train again"
 
     def _run(self) -> RunResult | None:
@@ -628,10 +636,19 @@ class Trainer:
         # A resumed run's clock continues from where the interrupted one stopped.
         elapsed_before = history[-1]["elapsed"] if history else 0.0
 
+        state_saved = [time.perf_counter()]  # when the resume state was last written (or the run began)
+
         def record(row: dict, optimizer) -> None:
             row["elapsed"] = elapsed_before + time.perf_counter() - self.started
             history.append(row)
-            improved = row["val_acc"] > progress["best_val_acc"]
+            head_stage_kept = progress["best_epoch"] == 0 and history[0]["stage"] == "head"
+            improved = replaces_kept_model(
+                row["val_acc"],
+                progress["best_val_acc"],
+                history[0]["val_acc"] if head_stage_kept and row["stage"] == "finetune" else None,
+                len(self.source.splits["val"].labels),
+                config.keep,
+            )
             if improved:
                 progress.update(best_val_acc=row["val_acc"], best_epoch=row["epoch"])
             # Early stopping watches fine-tuning only: the probe's loss (no label smoothing, a convex fit)
@@ -649,7 +666,12 @@ class Trainer:
                     self.folder.write_model(self.kept_model, self.meta | best)
                 if row["epoch"] == 0 and config.wise_ft < 1:
                     save_start_weights(self.run_dir, self.kept_model)
-                save_state(self.run_dir, row["epoch"], self.model, optimizer, progress, self.ema, self.scaler)
+                last = row["epoch"] >= config.epochs or progress["bad_epochs"] >= config.patience
+                if saves_resume_state(time.perf_counter() - state_saved[0], config.resume_every, last):
+                    save_state(
+                        self.run_dir, row["epoch"], self.model, optimizer, progress, self.ema, self.scaler
+                    )
+                    state_saved[0] = time.perf_counter()
                 self.write_history(history)
                 self.tracking.log_epoch(row)
             barrier(self.dist)
@@ -891,7 +913,7 @@ def train(config: TrainConfig, say: Callable[[str], None] | None = None) -> RunR
 
 
 def resume(run_dir: str | Path, say: Callable[[str], None] | None = None) -> RunResult | None:
-    """Continue an interrupted run from its last completed epoch, with the same schedule and randomness."""
+    """Continue an interrupted run from the last epoch it saved, with the same schedule and randomness."""
     run_dir = Path(run_dir)
     config = replace(TrainConfig.from_dict(RunFolder(run_dir).read_train_config()), out=str(run_dir))
     return Trainer(config, run_dir, resuming=True, say=say or _print).run()

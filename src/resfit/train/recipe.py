@@ -6,6 +6,8 @@ measurements in the README ("Recipe extras, measured").
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch import nn
@@ -20,6 +22,8 @@ BALANCE_MODES = ("auto", "none", "sampler", "loss")
 IMBALANCE_WARNING_RATIO = 3.0
 # What --balance auto turns on for unequal classes: measured best on a thinned ants/bees set (README).
 AUTO_BALANCE = "sampler"
+# Which validated model a run keeps (TrainConfig.keep; replaces_kept_model).
+KEEP_RULES = ("best", "one-se")
 # Multi-scale sizes, as fractions of the training size, when --multi-scale is given without --train-sizes.
 PROGRESSIVE_FRACTIONS = (0.75, 0.875, 1.0)
 
@@ -97,6 +101,26 @@ def ema_decay_for(steps_per_epoch: int, decay: float | None) -> float:
             raise ConfigError(f"ema-decay must be in (0, 1), got {decay}")
         return decay
     return 0.5 ** (1 / max(1, steps_per_epoch))
+
+
+def replaces_kept_model(
+    val_acc: float, kept_val_acc: float, head_stage_val_acc: float | None, n_val: int, rule: str
+) -> bool:
+    """Whether an epoch with ``val_acc`` replaces the kept model (``kept_val_acc``).
+
+    ``head_stage_val_acc``: the head stage's, where its model is still the kept one and this is a fine-tuned
+    epoch (else None). "best" keeps the highest val accuracy. "one-se" is the one-standard-error rule
+    (Hastie, Tibshirani & Friedman, ESL 7.10) with the head stage as the simpler model: a fine-tuned epoch
+    replaces it only by beating it by more than sqrt(p (1 - p) / n_val), since on a few dozen photos a lead
+    of one or two is as likely luck as learning; once a fine-tuned epoch is kept, the best one is.
+    """
+    if rule not in KEEP_RULES:
+        raise ConfigError(f"keep must be one of {', '.join(KEEP_RULES)}, got {rule!r}")
+    if val_acc <= kept_val_acc:
+        return False
+    if rule == "one-se" and head_stage_val_acc is not None:
+        return val_acc - head_stage_val_acc > math.sqrt(val_acc * (1 - val_acc) / max(1, n_val))
+    return True
 
 
 def interpolate_weights(
