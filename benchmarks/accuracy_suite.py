@@ -618,8 +618,8 @@ class Fold:
 
 @dataclass(frozen=True)
 class Settings:
-    model: str
-    weights: Path
+    model: str  # one architecture, or two joined by "+" (resfit's fused network; resfit recipes only)
+    weights: str  # a state-dict file, or one per backbone joined by "," for a fused model
     epochs: int
     img_size: int
     img_size_overridden: bool
@@ -1044,8 +1044,17 @@ def run_suite(args: argparse.Namespace) -> None:
         raise SystemExit(
             f"unknown recipes or data sets {unknown}: recipes {list(RECIPES)}, data {list(DATASETS)}"
         )
-    weights = Path(args.weights or SHARED / "weights" / f"{args.model}-imagenette.pth")
-    card_size, mean, std = card_settings(weights)
+    members = args.model.split("+")
+    baselines = [r for r in recipes if RECIPES[r].kind != "resfit"]
+    if len(members) > 1 and baselines:
+        raise SystemExit(f"{baselines} take one backbone: a fused {args.model} runs resfit recipes only")
+    sources = (
+        args.weights.split(",")
+        if args.weights
+        else [str(SHARED / "weights" / f"{member}-imagenette.pth") for member in members]
+    )
+    weights = ",".join(sources)
+    card_size, mean, std = card_settings(Path(sources[0]))  # the fused network needs one normalisation
     settings = Settings(
         args.model, weights, epochs, args.img_size or card_size, bool(args.img_size), mean, std
     )
@@ -1078,9 +1087,9 @@ def run_suite(args: argparse.Namespace) -> None:
             "budget": args.budget,
             "settings": {
                 "model": args.model,
-                "weights": str(weights.relative_to(SHARED))
-                if weights.is_relative_to(SHARED)
-                else str(weights),
+                "weights": ",".join(
+                    str(Path(w).relative_to(SHARED)) if Path(w).is_relative_to(SHARED) else w for w in sources
+                ),
                 "epochs": epochs,
                 "img_size": settings.img_size,
                 "batch_size": batch_size,
@@ -1223,12 +1232,12 @@ def warm_up(settings: Settings, batch_size: int) -> float:
     import torch
 
     from resfit.hardware import apply_threads, resolve_runtime
-    from resfit.torchvision_import import models
+    from resfit.models import build_model
 
     started = time.perf_counter()
     runtime = resolve_runtime("auto", "auto")
     apply_threads(runtime)
-    model = getattr(models, settings.model)(num_classes=2).to(memory_format=torch.channels_last)
+    model = build_model(settings.model, num_classes=2).to(memory_format=torch.channels_last)
     images = torch.randn(batch_size, 3, settings.img_size, settings.img_size).to(
         memory_format=torch.channels_last
     )

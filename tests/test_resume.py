@@ -125,7 +125,8 @@ def test_a_disk_that_fills_mid_run_is_one_line_and_resume_finishes_the_run(
 
     real_save = run_folder.save_file
     run_dir = tmp_path / "run"
-    flags = ["--model", "resnet18", "--weights", "none", "--epochs", "3", "--img-size", "32", "--resume-every", "0"]
+    flags = ["--model", "resnet18", "--weights", "none", "--epochs", "3", "--img-size", "32"]
+    flags += ["--resume-every", "0"]
     flags += ["--batch-size", "8", "--workers", "0", "--seed", "3", "--quiet"]
 
     def fills_at_epoch_2(tensors, filename, metadata=None):
