@@ -1044,7 +1044,13 @@ def run_suite(args: argparse.Namespace) -> None:
         raise SystemExit(
             f"unknown recipes or data sets {unknown}: recipes {list(RECIPES)}, data {list(DATASETS)}"
         )
-    members = args.model.split("+")
+    import resfit  # noqa: F401 - imports torchvision cleanly (resfit.torchvision_import) before timm does
+    from resfit.data.scan import load_dataset
+    from resfit.hardware import resolve_runtime
+    from resfit.models import fused_members
+    from resfit.train.resolve import default_batch_size
+
+    members = fused_members(args.model)
     baselines = [r for r in recipes if RECIPES[r].kind != "resfit"]
     if len(members) > 1 and baselines:
         raise SystemExit(f"{baselines} take one backbone: a fused {args.model} runs resfit recipes only")
@@ -1058,11 +1064,6 @@ def run_suite(args: argparse.Namespace) -> None:
     settings = Settings(
         args.model, weights, epochs, args.img_size or card_size, bool(args.img_size), mean, std
     )
-
-    import resfit  # noqa: F401 - imports torchvision cleanly (resfit.torchvision_import) before timm does
-    from resfit.data.scan import load_dataset
-    from resfit.hardware import resolve_runtime
-    from resfit.train.resolve import default_batch_size
 
     batch_size = default_batch_size(resolve_runtime("auto", "auto"), settings.img_size)
     if args.resume:

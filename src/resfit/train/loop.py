@@ -636,9 +636,10 @@ class Trainer:
         # A resumed run's clock continues from where the interrupted one stopped.
         elapsed_before = history[-1]["elapsed"] if history else 0.0
 
-        state_saved = [time.perf_counter()]  # when the resume state was last written (or the run began)
+        state_saved = time.perf_counter()  # when the resume state was last written (or the run began)
 
         def record(row: dict, optimizer) -> None:
+            nonlocal state_saved
             row["elapsed"] = elapsed_before + time.perf_counter() - self.started
             history.append(row)
             head_stage_kept = progress["best_epoch"] == 0 and history[0]["stage"] == "head"
@@ -667,11 +668,11 @@ class Trainer:
                 if row["epoch"] == 0 and config.wise_ft < 1:
                     save_start_weights(self.run_dir, self.kept_model)
                 last = row["epoch"] >= config.epochs or progress["bad_epochs"] >= config.patience
-                if saves_resume_state(time.perf_counter() - state_saved[0], config.resume_every, last):
+                if saves_resume_state(time.perf_counter() - state_saved, config.resume_every, last):
                     save_state(
                         self.run_dir, row["epoch"], self.model, optimizer, progress, self.ema, self.scaler
                     )
-                    state_saved[0] = time.perf_counter()
+                    state_saved = time.perf_counter()
                 self.write_history(history)
                 self.tracking.log_epoch(row)
             barrier(self.dist)
