@@ -206,9 +206,7 @@ def bench_arch(arch: str, args, work: Path, trained: Path | None = None) -> dict
     # cached; where bf16 is emulated it reaches one first): auto with the gated int8 IR timed too.
     serving = Classifier.load(
         run,
-        config=InferenceConfig(
-            cache_dir=str(cache), int8_when_safe=True, int8_later=True, batch_size=args.batch
-        ),
+        config=InferenceConfig(cache_dir=str(cache), int8="background", batch_size=args.batch),
         say=say_indented,
     )
     serving.reach_int8_verdict(say_indented)

@@ -252,7 +252,7 @@ def test_int8_joins_auto_where_bf16_is_emulated_and_only_if_it_passes(tiny_run, 
     import resfit.inference.export_cache as export_module
 
     _as_cpu(monkeypatch, EPYC_AVX2)
-    config = InferenceConfig(cache_dir=str(tmp_path), int8_when_safe=True)
+    config = InferenceConfig(cache_dir=str(tmp_path), int8="now")
     classifier = Classifier.load(tiny_run, config=config)
     figures = json.loads(next((tmp_path / "engine-timings").glob("*.json")).read_text())["images_per_second"]
     assert set(figures) == {"openvino-int8", "openvino", "onnxruntime", "torch"}
@@ -297,15 +297,24 @@ def test_int8_joins_auto_where_bf16_is_emulated_and_only_if_it_passes(tiny_run, 
 def test_int8_plan_quantizes_up_front_only_where_bf16_is_emulated():
     from resfit.inference.classifier import int8_plan
 
-    assert int8_plan("fp32", later_allowed=False, verdict_reached=False) == "now"  # AVX2 batch predict
-    assert int8_plan("fp32", later_allowed=True, verdict_reached=False) == "later"  # serve, in the background
-    assert int8_plan("bf16", later_allowed=False, verdict_reached=False) is None  # native bf16: no wait
-    assert int8_plan("bf16", later_allowed=True, verdict_reached=False) == "later"
-    assert int8_plan("bf16", later_allowed=False, verdict_reached=True) == "now"  # a cached verdict: free
-    assert int8_plan("int8", later_allowed=True, verdict_reached=True) is None  # asked for: not auto's
+    assert int8_plan("fp32", "now", verdict_reached=False) == "now"  # AVX2 batch predict
+    assert int8_plan("fp32", "background", verdict_reached=False) == "later"  # serve, in the background
+    assert int8_plan("bf16", "now", verdict_reached=False) is None  # native bf16: no wait
+    assert int8_plan("bf16", "background", verdict_reached=False) == "later"
+    assert int8_plan("bf16", "now", verdict_reached=True) == "now"  # a cached verdict: free
+    assert int8_plan("int8", "background", verdict_reached=True) is None  # asked for: not auto's
     # a few-image predict: a cached verdict is read, never a quantization started
-    assert int8_plan("fp32", later_allowed=False, verdict_reached=True, may_quantize=False) == "now"
-    assert int8_plan("fp32", later_allowed=False, verdict_reached=False, may_quantize=False) is None
+    assert int8_plan("fp32", "cached", verdict_reached=True) == "now"
+    assert int8_plan("fp32", "cached", verdict_reached=False) is None
+    # the library default: int8 only when asked for, even with a verdict cached
+    assert int8_plan("fp32", "off", verdict_reached=True) is None
+
+
+def test_an_unknown_int8_mode_is_a_clear_error():
+    from resfit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="int8 must be one of off, cached, now, background"):
+        InferenceConfig(int8="always")
 
 
 def test_one_load_reads_and_hashes_the_weights_once(tiny_run, tmp_path, monkeypatch):
@@ -320,9 +329,7 @@ def test_one_load_reads_and_hashes_the_weights_once(tiny_run, tmp_path, monkeypa
         export_module, "model_digest", lambda run_dir: digests.append(run_dir) or digest(run_dir)
     )
     _as_cpu(monkeypatch, EPYC_AVX2)
-    classifier = Classifier.load(
-        tiny_run, config=InferenceConfig(cache_dir=str(tmp_path), int8_when_safe=True)
-    )
+    classifier = Classifier.load(tiny_run, config=InferenceConfig(cache_dir=str(tmp_path), int8="now"))
     timed = json.loads(next((tmp_path / "engine-timings").glob("*.json")).read_text())["images_per_second"]
     assert set(timed) == {"openvino-int8", "openvino", "onnxruntime", "torch"}
     assert len(list(tmp_path.glob("exports/*/*"))) >= 3  # the exports were really made here
@@ -471,7 +478,7 @@ def test_serve_answers_at_once_and_switches_to_int8_when_its_background_verdict_
         return figures and ({**figures, "openvino-int8": 1e9} if "openvino-int8" in figures else figures)
 
     monkeypatch.setattr(classifier_module, "read_measurement", int8_fastest)
-    config = InferenceConfig(cache_dir=str(tmp_path), int8_when_safe=True, int8_later=True)
+    config = InferenceConfig(cache_dir=str(tmp_path), int8="background")
     classifier = Classifier.load(tiny_run, config=config)
     assert classifier.int8_pending and classifier.choice.precision == "fp32"
     assert "int8 is being quantized and checked in the background" in classifier.describe()
@@ -502,7 +509,7 @@ def test_int8_that_passes_but_is_slower_leaves_serve_on_fp32_saying_why(tiny_run
         return {**figures, "openvino-int8": 1e-3} if "openvino-int8" in figures else figures
 
     monkeypatch.setattr(classifier_module, "time_engines", int8_slowest)
-    config = InferenceConfig(cache_dir=str(tmp_path), int8_when_safe=True, int8_later=True)
+    config = InferenceConfig(cache_dir=str(tmp_path), int8="background")
     classifier = Classifier.load(tiny_run, config=config)
     before = classifier.choice
     said = []

@@ -29,7 +29,7 @@ def parse(*argv: str):
         (
             InferenceConfig,
             ["predict", "RUN", "a.jpg"],
-            {"cache_dir", "int8_when_safe", "int8_later", "int8_quantize", "batch_size"},
+            {"cache_dir", "int8", "batch_size"},
         ),
         (ExportConfig, ["export", "RUN"], {"run_dir"}),
         (ServeConfig, ["serve", "RUN"], {"max_files", "allowed_formats", "max_batch", "decode_threads"}),

@@ -218,6 +218,27 @@ def test_resume_state_is_written_at_most_every_resume_every_seconds_and_after_th
     assert saves_resume_state(0.1, 60.0, last_epoch=True)
 
 
+def test_early_stop_ends_fine_tuning_after_patience_epochs_without_a_lower_val_loss(
+    unordered_classes, tmp_path, monkeypatch
+):
+    """A val loss that never falls again stops fine-tuning after --patience epochs, says so, and still
+    writes the resume state of the epoch it stopped at (a resume then does not train on)."""
+    loop = importlib.import_module("resfit.train.loop")
+    validate = loop.Trainer.validate
+    monkeypatch.setattr(loop.Trainer, "validate", lambda self: (1.0, validate(self)[1]))
+    saved, said = [], []
+    save_state = loop.save_state
+    monkeypatch.setattr(
+        loop,
+        "save_state",
+        lambda run_dir, epoch, *rest: saved.append(epoch) or save_state(run_dir, epoch, *rest),
+    )
+    result = train(small_config(unordered_classes, tmp_path / "run", epochs=6, patience=2), say=said.append)
+    assert [row["epoch"] for row in result.history] == [0, 1, 2, 3]  # epoch 1 sets the loss, 2 and 3 miss
+    assert sum("early stop: validation loss has not improved for 2 epochs" in line for line in said) == 1
+    assert saved == [3]
+
+
 def test_damaged_resume_weights_are_a_run_folder_error(unordered_classes, tmp_path):
     """A truncated start.safetensors (--wise-ft) or epoch file stops a resume with one clear error, not a
     safetensors traceback; an interpolation between weights of different shapes is refused the same way."""

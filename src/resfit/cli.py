@@ -208,7 +208,7 @@ def _run_serve(args) -> int:
         raise ConfigError(f"--port must be between 1 and 65535, got {args.port}")
     config = from_args(ServeConfig, args)
     # serve answers from its first second: a first int8 quantization (minutes) runs in the background
-    classifier = _load_classifier(args, int8_when_safe=True, int8_later=True, batch_size=config.max_batch)
+    classifier = _load_classifier(args, int8="background", batch_size=config.max_batch)
     print(f"resfit: serving on http://{args.host}:{args.port}/ (API docs at /docs)", file=sys.stderr)
     run_server(classifier, args.host, args.port, config)
     return 0
@@ -267,8 +267,7 @@ def _run_predict(args) -> int:
 
     classifier = _load_classifier(
         args,
-        int8_when_safe=True,
-        int8_quantize=len(paths) >= PREDICT_INT8_MIN_IMAGES,
+        int8="now" if len(paths) >= PREDICT_INT8_MIN_IMAGES else "cached",
         batch_size=min(len(paths), PREDICT_BATCH_SIZE),
     )
     failed = 0

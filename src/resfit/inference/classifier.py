@@ -16,7 +16,7 @@ from ..batched_inference import softmax
 from ..data.images import open_rgb
 from ..data.scan import default_cache_dir
 from ..data.transforms import Preprocessing
-from ..errors import ExportError, ImageReadError
+from ..errors import ConfigError, ExportError, ImageReadError
 from ..hardware import Runtime, apply_threads, resolve_runtime
 from ..model_wrappers import TTA_HELP, TTA_MODES
 from ..rejection import UNKNOWN, RejectRule, needs_features, split_output
@@ -97,6 +97,15 @@ class Answer:
         }
 
 
+# How auto treats the gated int8 IR when no precision is asked for. Quantizing and checking takes minutes
+# once per model, so each caller says how much of that it may wait for:
+#   "off":        never (the library default; int8 only with precision int8)
+#   "cached":     read a verdict serve or a batch predict cached, never quantize (a few-image predict)
+#   "now":        quantize and check before loading where int8 pays (a batch predict)
+#   "background": load on fp32/bf16 at once, quantize later in reach_int8_verdict (serve)
+INT8_MODES = ("off", "cached", "now", "background")
+
+
 @dataclass(frozen=True)
 class InferenceConfig:
     """How a run folder is turned into a Classifier: where it runs, how fast, and at what precision."""
@@ -124,18 +133,16 @@ class InferenceConfig:
         negate="--no-reject",
         help='always name a class: ignore the run\'s "unknown" rule (see resfit train --reject-target)',
     )
-    # auto may also time gated int8 (OpenVINO) and keep it if fastest, for serve and batch predict (the CLI
-    # sets it there; when it is quantized: int8_plan); otherwise int8 is used only when asked for
-    int8_when_safe: bool = False
-    # with int8_when_safe, and no int8 verdict cached yet: load on the fastest fp32 engine at once and leave
-    # int8 (minutes to quantize and check) to reach_int8_verdict, which serve runs in the background
-    int8_later: bool = False
-    # with int8_when_safe, and no int8 verdict cached yet: False never quantizes (a few-image predict joins
-    # int8 only once serve or a batch predict has checked it, and then answers as they do)
-    int8_quantize: bool = True
+    # when auto may also time the gated int8 IR (OpenVINO) and keep it if fastest (INT8_MODES; when it is
+    # quantized: int8_plan); under "off" int8 is used only when asked for with precision int8
+    int8: str = "off"
     # images per engine call the caller will mostly run (serve: its largest batch; predict: up to 16): auto
     # times the engines at this batch, since which is fastest changes with it
     batch_size: int = PREDICT_BATCH_SIZE
+
+    def __post_init__(self) -> None:
+        if self.int8 not in INT8_MODES:
+            raise ConfigError(f"int8 must be one of {', '.join(INT8_MODES)}, got {self.int8!r}")
 
 
 class Classifier:
@@ -171,7 +178,7 @@ class Classifier:
         self.model = model.to(runtime.device, memory_format=torch.channels_last).eval()
         self.backend = backend or TorchBackend(self.model, runtime.precision, runtime.device)
         self.choice = choice or BackendChoice("torch", runtime.precision, runtime.reason)
-        self._int8_later: tuple[_Engines, BackendChoice] | None = None  # see InferenceConfig.int8_later
+        self._int8_later: tuple[_Engines, BackendChoice] | None = None  # InferenceConfig.int8 "background"
 
     @classmethod
     def load(
@@ -208,14 +215,9 @@ class Classifier:
 
         engines = _Engines(run, runtime, cache_dir, choice.performance_hint, say, max(1, config.batch_size))
         int8_note, int8_later = "", False
-        if config.int8_when_safe and config.backend == "auto" and config.precision == "auto":
+        if config.int8 != "off" and config.backend == "auto" and config.precision == "auto":
             if runtime.device == "cpu" and is_available("openvino"):
-                plan = int8_plan(
-                    choice.precision,
-                    config.int8_later,
-                    int8_verdict_is_reached(run, cache_dir),
-                    config.int8_quantize,
-                )
+                plan = int8_plan(choice.precision, config.int8, int8_verdict_is_reached(run, cache_dir))
                 if plan == "later":
                     int8_later = True
                     int8_note = "int8 is being quantized and checked in the background (once; minutes)"
@@ -240,7 +242,7 @@ class Classifier:
 
     @property
     def int8_pending(self) -> bool:
-        """int8 was left for later (``InferenceConfig.int8_later``): ``reach_int8_verdict`` reaches it."""
+        """int8 was left for later (``InferenceConfig.int8`` "background"): ``reach_int8_verdict`` reaches it."""
         return self._int8_later is not None
 
     def reach_int8_verdict(self, say: Callable[[str], None] | None = None) -> bool:
@@ -396,28 +398,27 @@ class _Engines:
         return TorchBackend(self.run.model, precision, self.runtime.device)
 
 
-def int8_plan(
-    precision: str, later_allowed: bool, verdict_reached: bool, may_quantize: bool = True
-) -> str | None:
-    """When the gated int8 IR joins auto's candidates: "now" (quantize and check before loading, or read the
-    cached verdict), "later" (serve: in the background), or None (not at all).
+def int8_plan(precision: str, mode: str, verdict_reached: bool) -> str | None:
+    """When the gated int8 IR joins auto's candidates, for a caller in ``mode`` (INT8_MODES): "now"
+    (quantize and check before loading, or read the cached verdict), "later" (serve: in the background), or
+    None (not at all).
 
-    A cached verdict is free to read, so every caller that allows int8 reads it: a few-image predict
-    (``may_quantize`` False) then answers on the engine serve and a batch predict chose, and never waits.
+    A cached verdict is free to read, so every mode but "off" reads it: a few-image predict ("cached") then
+    answers on the engine serve and a batch predict chose, and never waits.
 
     Where bf16 is emulated auto runs fp32 and int8 is about twice as fast (issue #17), worth minutes of
     quantization once. With native bf16 int8 gains far less over bf16 (1.13x on a 2-core Zen 5: 126.8
     against 111.9 img/s), so only serve quantizes (in the background, never delaying an answer) and a batch
     predict uses int8 only once a verdict is cached."""
-    if precision not in ("fp32", "bf16"):
+    if mode == "off" or precision not in ("fp32", "bf16"):
         return None
     if verdict_reached:
         return "now"
-    if not may_quantize:
-        return None
-    if later_allowed:
+    if mode == "background":
         return "later"
-    return "now" if precision == "fp32" else None
+    if mode == "now" and precision == "fp32":
+        return "now"
+    return None
 
 
 def _fastest_choice(engines: _Engines, choice: BackendChoice, int8_note: str) -> tuple[object, BackendChoice]:

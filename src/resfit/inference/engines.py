@@ -46,7 +46,7 @@ SUPPORTED_PRECISIONS = {
 }
 _PIP_NAMES = {"onnxruntime": "onnxruntime", "openvino": "openvino"}
 # The gated int8 OpenVINO IR as one more engine for auto to time (only for serve and batch predict:
-# InferenceConfig.int8_when_safe; when it is quantized: classifier.int8_plan).
+# InferenceConfig.int8; when it is quantized: classifier.int8_plan).
 INT8_ENGINE = "openvino-int8"
 
 

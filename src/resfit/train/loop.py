@@ -111,6 +111,11 @@ def holds_val_output(model: nn.Module, num_images: int, num_classes: int) -> boo
     return num_images * (num_classes + feature_dim(model)) * 4 <= MAX_HELD_VAL_BYTES
 
 
+def stopped_early(progress: dict, patience: int) -> bool:
+    """Validation loss has not improved for ``patience`` fine-tuning epochs: no epoch follows."""
+    return progress["bad_epochs"] >= patience
+
+
 @dataclass
 class RunResult:
     run_dir: Path
@@ -667,7 +672,7 @@ class Trainer:
                     self.folder.write_model(self.kept_model, self.meta | best)
                 if row["epoch"] == 0 and config.wise_ft < 1:
                     save_start_weights(self.run_dir, self.kept_model)
-                last = row["epoch"] >= config.epochs or progress["bad_epochs"] >= config.patience
+                last = row["epoch"] >= config.epochs or stopped_early(progress, config.patience)
                 if saves_resume_state(time.perf_counter() - state_saved, config.resume_every, last):
                     save_state(
                         self.run_dir, row["epoch"], self.model, optimizer, progress, self.ema, self.scaler
@@ -746,7 +751,7 @@ class Trainer:
             device_ids = [device.index] if device.type == "cuda" else None
             network = nn.parallel.DistributedDataParallel(network, device_ids=device_ids)
         for epoch in range(start, config.epochs + 1):
-            if progress["bad_epochs"] >= config.patience:
+            if stopped_early(progress, config.patience):
                 break
             t0 = time.perf_counter()
             # Batches and each image's augmentation derive from (seed, epoch): a resumed epoch, or N
@@ -776,7 +781,7 @@ class Trainer:
                 },
                 optimizer,
             )
-            if progress["bad_epochs"] >= config.patience and epoch < config.epochs:
+            if stopped_early(progress, config.patience) and epoch < config.epochs:
                 self.say(f"early stop: validation loss has not improved for {config.patience} epochs")
 
     def keep_interpolation(self, progress: dict, history: list[dict]) -> None:
