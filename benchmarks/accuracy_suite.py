@@ -166,8 +166,10 @@ RECIPES = {
         "resfit", {"lr": 1e-4, "ema": True}, "a 10x smaller lr, validating and keeping an EMA of the weights"
     ),
 }
-REFERENCE = "resfit"  # paired differences are every other recipe against this one (and probe vs probe)
-EXTRA_PAIRS = [("resfit-probe", "sklearn-probe")]
+REFERENCE = (
+    "resfit"  # paired differences: every other recipe against this one, and these (probe vs the peers)
+)
+EXTRA_PAIRS = [("resfit-probe", "sklearn-probe"), ("resfit-probe", "timm")]
 # The timm baseline's settings, named. lr as resfit's head lr; layer decay per block (timm groups the 16
 # bottleneck blocks of a ResNet-50 one by one): 0.8 ** 17 = 0.023 at the stem, about resfit's 0.5 ** 5.
 TIMM_SETTINGS = {
@@ -1228,6 +1230,26 @@ def reused_rows(path: Path, settings: dict, recipes: str) -> tuple[list[dict], s
     return rows, earlier.get("commit")
 
 
+def pooled_rows(paths: list[Path]) -> list[dict]:
+    """The fold runs of several suite files of the same deciding settings, as one suite (e.g. seeds run on
+    different days); a fold run two files both hold is refused, so no run is counted twice."""
+    suites = [read_suite(path) for path in paths]
+    first = suites[0].get("settings") or {}
+    rows, seen = [], {}
+    for path, suite in zip(paths, suites, strict=True):
+        settings = suite.get("settings") or {}
+        differ = [k for k in SETTINGS_THAT_DECIDE if settings.get(k) != first.get(k)]
+        if differ:
+            raise SystemExit(f"{path} was run with other settings than {paths[0]} ({', '.join(differ)})")
+        for row in suite["rows"]:
+            key = (row.get("dataset"), row.get("recipe"), row.get("repeat"), row.get("fold"))
+            if key in seen:
+                raise SystemExit(f"{path} and {seen[key]} both hold the fold run {key}: pool each once")
+            seen[key] = path
+            rows.append(row)
+    return rows
+
+
 def warm_up(settings: Settings, batch_size: int) -> float:
     """Pay the process's one-time costs (kernel creation at this size and precision) before any timed run."""
     import torch
@@ -1331,12 +1353,15 @@ def main() -> None:
         "--machine-note", default="", help="recorded with the machine, e.g. 'machine was shared'"
     )
     parser.add_argument(
-        "--summarize", metavar="JSON", help="print the tables of a suite's result JSON again (runs nothing)"
+        "--summarize",
+        metavar="JSON",
+        nargs="+",
+        help="print the tables of a suite's result JSON again, or of several of the same settings pooled "
+        "(e.g. other seeds; runs nothing)",
     )
     args = parser.parse_args()
     if args.summarize:
-        rows = json.loads(Path(args.summarize).read_text())["rows"]
-        print(markdown_tables(summarize(rows)))
+        print(markdown_tables(summarize(pooled_rows([Path(path) for path in args.summarize]))))
         return
     if args.resume:  # the interrupted suite's own arguments, so its settings cannot drift
         resume = args.resume

@@ -227,6 +227,33 @@ def test_reused_rows_take_only_the_named_recipes_and_repeats_of_the_same_setting
             suite.reused_rows(earlier, settings, "resfit")
 
 
+def test_suites_of_other_seeds_pool_into_one_summary_and_no_fold_run_counts_twice(tmp_path):
+    settings = {key: 1 for key in suite.SETTINGS_THAT_DECIDE}
+
+    def suite_file(name: str, repeat: int, rows_settings: dict = settings) -> Path:
+        rows = [
+            {**fake_row(recipe, fold, correct, 1.0), "repeat": repeat}
+            for fold in range(2)
+            for recipe, correct in (("resfit", [1, 1, 0]), ("resfit-probe", [1, 0, 0]), ("timm", [0, 0, 0]))
+        ]
+        path = tmp_path / name
+        path.write_text(json.dumps({"settings": rows_settings, "rows": rows}))
+        return path
+
+    seed0, seed1 = suite_file("seed0.json", 0), suite_file("seed1.json", 1)
+    pooled = suite.summarize(suite.pooled_rows([seed0, seed1]))["hymenoptera"]
+    assert pooled["recipes"]["resfit"]["fold_runs"] == 4
+    pairs = {(pair["a"], pair["b"]): pair for pair in pooled["pairs"]}
+    assert pairs[("resfit", "resfit-probe")]["fold_runs"] == 4
+    assert pairs[("resfit-probe", "timm")]["difference"]["mean"] == pytest.approx(
+        1 / 3
+    )  # the probe vs the peer
+    with pytest.raises(SystemExit, match="both hold the fold run"):
+        suite.pooled_rows([seed0, suite_file("again.json", 0)])
+    with pytest.raises(SystemExit, match="other settings.*flowers_per_class"):
+        suite.pooled_rows([seed0, suite_file("other.json", 1, {**settings, "flowers_per_class": 200})])
+
+
 def _benchmark(name: str):
     spec = importlib.util.spec_from_file_location(name, SUITE_PATH.parent / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
