@@ -168,9 +168,8 @@ RECIPES = {
         "resfit", {"lr": 1e-4, "ema": True}, "a 10x smaller lr, validating and keeping an EMA of the weights"
     ),
 }
-REFERENCE = (
-    "resfit"  # paired differences: every other recipe against this one, and these (probe vs the peers)
-)
+# Paired differences: every other recipe against REFERENCE, and EXTRA_PAIRS (the probe against the peers).
+REFERENCE = "resfit"
 EXTRA_PAIRS = [("resfit-probe", "sklearn-probe"), ("resfit-probe", "timm")]
 # The timm baseline's settings, named. lr as resfit's head lr; layer decay per block (timm groups the 16
 # bottleneck blocks of a ResNet-50 one by one): 0.8 ** 17 = 0.023 at the stem, about resfit's 0.5 ** 5.
@@ -1192,11 +1191,16 @@ def read_suite(path: Path) -> dict:
     """An accuracy-suite result file, or one line saying why it is not one (missing, truncated, other)."""
     try:
         suite = json.loads(path.read_text())
-        if not isinstance(suite["rows"], list):
-            raise TypeError("rows must be a list")
+        if not isinstance(suite["rows"], list) or not all(isinstance(row, dict) for row in suite["rows"]):
+            raise TypeError("rows must be a list of objects")
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise SystemExit(f"{path} is not a readable suite result file: {error!r}") from None
     return suite
+
+
+def differing_settings(settings: dict, other: dict) -> list[str]:
+    """The deciding settings (SETTINGS_THAT_DECIDE) in which two suites differ: their fold runs are not alike."""
+    return [key for key in SETTINGS_THAT_DECIDE if settings.get(key) != other.get(key)]
 
 
 def reused_rows(path: Path, settings: dict, recipes: str) -> tuple[list[dict], str | None]:
@@ -1212,7 +1216,7 @@ def reused_rows(path: Path, settings: dict, recipes: str) -> tuple[list[dict], s
     earlier_settings, earlier_rows = earlier.get("settings"), earlier["rows"]
     if not isinstance(earlier_settings, dict):
         raise SystemExit(f"{path} is not a readable suite result file: it has no settings")
-    differ = [k for k in SETTINGS_THAT_DECIDE if earlier_settings.get(k) != settings.get(k)]
+    differ = differing_settings(earlier_settings, settings)
     if differ:
         raise SystemExit(
             f"{path} was run with other settings ({', '.join(differ)}): its rows cannot be reused"
@@ -1240,7 +1244,7 @@ def pooled_rows(paths: list[Path]) -> list[dict]:
     rows, seen = [], {}
     for path, suite in zip(paths, suites, strict=True):
         settings = suite.get("settings") or {}
-        differ = [k for k in SETTINGS_THAT_DECIDE if settings.get(k) != first.get(k)]
+        differ = differing_settings(settings, first)
         if differ:
             raise SystemExit(f"{path} was run with other settings than {paths[0]} ({', '.join(differ)})")
         for row in suite["rows"]:

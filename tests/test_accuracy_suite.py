@@ -221,7 +221,8 @@ def test_reused_rows_take_only_the_named_recipes_and_repeats_of_the_same_setting
         suite.reused_rows(earlier, {**settings, "epochs": 6}, "resfit")
     with pytest.raises(SystemExit, match="not among"):
         suite.reused_rows(earlier, settings, "resfit-frozen3")
-    for broken in ("", '{"settings": {}', "[1, 2]", '{"rows": []}'):  # empty, truncated, wrong type
+    # empty, truncated, wrong type, rows that are not fold runs
+    for broken in ("", '{"settings": {}', "[1, 2]", '{"rows": []}', '{"settings": {}, "rows": [1, 2]}'):
         earlier.write_text(broken)
         with pytest.raises(SystemExit, match="not a readable suite result file"):
             suite.reused_rows(earlier, settings, "resfit")
@@ -245,9 +246,8 @@ def test_suites_of_other_seeds_pool_into_one_summary_and_no_fold_run_counts_twic
     assert pooled["recipes"]["resfit"]["fold_runs"] == 4
     pairs = {(pair["a"], pair["b"]): pair for pair in pooled["pairs"]}
     assert pairs[("resfit", "resfit-probe")]["fold_runs"] == 4
-    assert pairs[("resfit-probe", "timm")]["difference"]["mean"] == pytest.approx(
-        1 / 3
-    )  # the probe vs the peer
+    probe_vs_peer = pairs[("resfit-probe", "timm")]
+    assert probe_vs_peer["difference"]["mean"] == pytest.approx(1 / 3)
     with pytest.raises(SystemExit, match="both hold the fold run"):
         suite.pooled_rows([seed0, suite_file("again.json", 0)])
     with pytest.raises(SystemExit, match="other settings.*flowers_per_class"):

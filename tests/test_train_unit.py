@@ -43,6 +43,19 @@ def small_config(data, out, **overrides) -> TrainConfig:
     return TrainConfig(data=str(data), out=str(out), **settings)
 
 
+@pytest.fixture
+def saved_resume_epochs(monkeypatch) -> list[int]:
+    """The epochs whose resume state the loop writes, in order (each is still written)."""
+    loop = importlib.import_module("resfit.train.loop")
+    saved, save_state = [], loop.save_state
+    monkeypatch.setattr(
+        loop,
+        "save_state",
+        lambda run_dir, epoch, *rest: saved.append(epoch) or save_state(run_dir, epoch, *rest),
+    )
+    return saved
+
+
 def test_run_folder_class_order_and_learning(unordered_classes, tmp_path):
     result = train(small_config(unordered_classes, tmp_path / "run"), say=lambda _: None)
     meta = json.loads((tmp_path / "run" / "model.json").read_text())
@@ -193,25 +206,17 @@ def test_the_loop_asks_the_keep_rule_with_the_head_stage_and_the_val_size(
 
 
 def test_resume_state_is_written_at_most_every_resume_every_seconds_and_after_the_last_epoch(
-    unordered_classes, tmp_path, monkeypatch
+    unordered_classes, tmp_path, saved_resume_epochs
 ):
     """A run shorter than --resume-every writes one resume state, the last epoch's (a crash then costs a run
     this short, not 8% of every run); --resume-every 0 writes one after every epoch, the head stage's too."""
     from resfit.train.state import saves_resume_state
 
-    loop = importlib.import_module("resfit.train.loop")
-    saved = []
-    save_state = loop.save_state
-    monkeypatch.setattr(
-        loop,
-        "save_state",
-        lambda run_dir, epoch, *rest: saved.append(epoch) or save_state(run_dir, epoch, *rest),
-    )
     train(small_config(unordered_classes, tmp_path / "default", epochs=3), say=lambda _: None)
-    assert saved == [3]
-    saved.clear()
+    assert saved_resume_epochs == [3]
+    saved_resume_epochs.clear()
     train(small_config(unordered_classes, tmp_path / "every", epochs=3, resume_every=0), say=lambda _: None)
-    assert saved == [0, 1, 2, 3]
+    assert saved_resume_epochs == [0, 1, 2, 3]
     assert not saves_resume_state(59.0, 60.0, last_epoch=False) and saves_resume_state(
         60.0, 60.0, last_epoch=False
     )
@@ -219,24 +224,18 @@ def test_resume_state_is_written_at_most_every_resume_every_seconds_and_after_th
 
 
 def test_early_stop_ends_fine_tuning_after_patience_epochs_without_a_lower_val_loss(
-    unordered_classes, tmp_path, monkeypatch
+    unordered_classes, tmp_path, monkeypatch, saved_resume_epochs
 ):
     """A val loss that never falls again stops fine-tuning after --patience epochs, says so, and still
     writes the resume state of the epoch it stopped at (a resume then does not train on)."""
     loop = importlib.import_module("resfit.train.loop")
     validate = loop.Trainer.validate
     monkeypatch.setattr(loop.Trainer, "validate", lambda self: (1.0, validate(self)[1]))
-    saved, said = [], []
-    save_state = loop.save_state
-    monkeypatch.setattr(
-        loop,
-        "save_state",
-        lambda run_dir, epoch, *rest: saved.append(epoch) or save_state(run_dir, epoch, *rest),
-    )
+    said = []
     result = train(small_config(unordered_classes, tmp_path / "run", epochs=6, patience=2), say=said.append)
     assert [row["epoch"] for row in result.history] == [0, 1, 2, 3]  # epoch 1 sets the loss, 2 and 3 miss
     assert sum("early stop: validation loss has not improved for 2 epochs" in line for line in said) == 1
-    assert saved == [3]
+    assert saved_resume_epochs == [3]
 
 
 def test_damaged_resume_weights_are_a_run_folder_error(unordered_classes, tmp_path):
