@@ -164,6 +164,13 @@ RECIPES = {
         {"keep": "one-se"},
         "the default keeping the head stage unless a fine-tuned epoch beats it on val by more than one SE",
     ),
+    # At full size the EMA's val loss can stay flat for 3 epochs while the network underneath climbs out
+    # of its dip, so early stopping (patience 3) ended one run at epoch 4 on the probe: this one never stops.
+    "resfit-ema-no-stop": Recipe(
+        "resfit",
+        {"ema": True, "patience": 6},
+        "the default validating and keeping an EMA of the weights, with no early stop in 6 epochs",
+    ),
     "resfit-lr1e-4-ema": Recipe(
         "resfit", {"lr": 1e-4, "ema": True}, "a 10x smaller lr, validating and keeping an EMA of the weights"
     ),
