@@ -1243,9 +1243,15 @@ def reused_rows(path: Path, settings: dict, recipes: str) -> tuple[list[dict], s
     return rows, earlier.get("commit")
 
 
-def pooled_rows(paths: list[Path]) -> list[dict]:
+def pooled_rows(paths: list[Path], count_as: dict[str, str] | None = None) -> list[dict]:
     """The fold runs of several suite files of the same deciding settings, as one suite (e.g. seeds run on
-    different days); a fold run two files both hold is refused, so no run is counted twice."""
+    different days); a fold run two files both hold is refused, so no run is counted twice.
+
+    ``count_as`` {old: new} counts recipe old's fold runs as new's: for runs that are the same computation
+    (an option that never took effect in them, e.g. an early stop that never came), so they are not run
+    again. Which runs qualify is the caller's claim, said in the printed tables' header.
+    """
+    count_as = count_as or {}
     suites = [read_suite(path) for path in paths]
     first = suites[0].get("settings") or {}
     rows, seen = [], {}
@@ -1255,6 +1261,8 @@ def pooled_rows(paths: list[Path]) -> list[dict]:
         if differ:
             raise SystemExit(f"{path} was run with other settings than {paths[0]} ({', '.join(differ)})")
         for row in suite["rows"]:
+            if row.get("recipe") in count_as:
+                row = {**row, "recipe": count_as[row["recipe"]], "counted_as_from": row["recipe"]}
             key = (row.get("dataset"), row.get("recipe"), row.get("repeat"), row.get("fold"))
             if key in seen:
                 raise SystemExit(f"{path} and {seen[key]} both hold the fold run {key}: pool each once")
@@ -1372,9 +1380,22 @@ def main() -> None:
         help="print the tables of a suite's result JSON again, or of several of the same settings pooled "
         "(e.g. other seeds; runs nothing)",
     )
+    parser.add_argument(
+        "--count-as",
+        metavar="OLD=NEW",
+        action="append",
+        default=[],
+        help="with --summarize: count recipe OLD's fold runs as NEW's (runs that are the same computation)",
+    )
     args = parser.parse_args()
     if args.summarize:
-        print(markdown_tables(summarize(pooled_rows([Path(path) for path in args.summarize]))))
+        count_as = dict(pair.split("=", 1) for pair in args.count_as if "=" in pair)
+        if len(count_as) != len(args.count_as):
+            raise SystemExit(f"--count-as takes OLD=NEW, got {args.count_as}")
+        for old, new in count_as.items():
+            print(f"# fold runs of {old} counted as {new}'s (the same computation in those runs)")
+        rows = pooled_rows([Path(path) for path in args.summarize], count_as)
+        print(markdown_tables(summarize(rows)))
         return
     if args.resume:  # the interrupted suite's own arguments, so its settings cannot drift
         resume = args.resume

@@ -254,6 +254,37 @@ def test_suites_of_other_seeds_pool_into_one_summary_and_no_fold_run_counts_twic
         suite.pooled_rows([seed0, suite_file("other.json", 1, {**settings, "flowers_per_class": 200})])
 
 
+def test_runs_of_one_recipe_can_be_counted_as_anothers_and_still_only_once(tmp_path):
+    settings = {key: 1 for key in suite.SETTINGS_THAT_DECIDE}
+
+    def suite_file(name: str, repeat: int, recipes: tuple[str, ...]) -> Path:
+        rows = [
+            {**fake_row(recipe, fold, [1, 1, 0], 1.0), "repeat": repeat}
+            for fold in range(2)
+            for recipe in recipes
+        ]
+        path = tmp_path / name
+        path.write_text(json.dumps({"settings": settings, "rows": rows}))
+        return path
+
+    seed0 = suite_file("seed0.json", 0, ("resfit", "resfit-ema"))
+    seed1 = suite_file("seed1.json", 1, ("resfit", "resfit-ema-no-stop"))
+    rename = {"resfit-ema": "resfit-ema-no-stop"}
+    pooled = suite.summarize(suite.pooled_rows([seed0, seed1], rename))["hymenoptera"]
+    assert set(pooled["recipes"]) == {"resfit", "resfit-ema-no-stop"}
+    assert pooled["recipes"]["resfit-ema-no-stop"]["fold_runs"] == 4
+    # Unrenamed, the two stay apart; renamed, a fold run both recipes hold would count twice: refused.
+    assert (
+        suite.summarize(suite.pooled_rows([seed0, seed1]))["hymenoptera"]["recipes"]["resfit-ema"][
+            "fold_runs"
+        ]
+        == 2
+    )
+    both = suite_file("both.json", 1, ("resfit-ema", "resfit-ema-no-stop"))
+    with pytest.raises(SystemExit, match="both hold the fold run"):
+        suite.pooled_rows([both], rename)
+
+
 def _benchmark(name: str):
     spec = importlib.util.spec_from_file_location(name, SUITE_PATH.parent / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
