@@ -156,8 +156,9 @@ RECIPES = {
     ),
     # The dip is the backbone's weights moving at peak lr: an EMA of the weights (half-life one epoch,
     # starting at the head stage's) is what is validated and kept, so each epoch's step noise is averaged out.
+    # patience 3 pinned: these rows were run when --ema still stopped early by default (now it never does).
     "resfit-ema": Recipe(
-        "resfit", {"ema": True}, "the default, validating and keeping an EMA of the weights"
+        "resfit", {"ema": True, "patience": 3}, "the default, validating and keeping an EMA of the weights"
     ),
     "resfit-one-se": Recipe(
         "resfit",
@@ -172,7 +173,9 @@ RECIPES = {
         "the default validating and keeping an EMA of the weights, with no early stop in 6 epochs",
     ),
     "resfit-lr1e-4-ema": Recipe(
-        "resfit", {"lr": 1e-4, "ema": True}, "a 10x smaller lr, validating and keeping an EMA of the weights"
+        "resfit",
+        {"lr": 1e-4, "ema": True, "patience": 3},
+        "a 10x smaller lr, validating and keeping an EMA of the weights",
     ),
 }
 # Paired differences: every other recipe against REFERENCE, and EXTRA_PAIRS (the probe against the peers).

@@ -49,9 +49,20 @@ def test_defaults_follow_the_weights_and_the_device():
 
 
 def test_what_was_given_is_kept():
-    given = TrainConfig(data="d", img_size=96, batch_size=5, frozen_blocks=0, num_workers=1, lr=0.3)
+    given = TrainConfig(
+        data="d", img_size=96, batch_size=5, frozen_blocks=0, num_workers=1, lr=0.3, patience=5, ema=True
+    )
     resolved = resolve_settings(given, GPU, IMAGENET, EQUAL).config
     assert dataclasses.asdict(resolved) == dataclasses.asdict(given) | {"balance": "none"}
+
+
+def test_early_stopping_waits_3_epochs_and_never_stops_an_ema_unless_asked():
+    assert resolve_settings(TrainConfig(data="d"), CPU, CARD_112, EQUAL).config.patience == 3
+    assert resolve_settings(TrainConfig(data="d", ema=True), CPU, CARD_112, EQUAL).config.patience == 0
+    asked = TrainConfig(data="d", ema=True, patience=2)
+    assert resolve_settings(asked, CPU, CARD_112, EQUAL).config.patience == 2
+    with pytest.raises(ConfigError, match="patience must be >= 0"):
+        TrainConfig(data="d", patience=-1).validate()
 
 
 def test_balance_is_decided_by_the_class_counts_and_said():

@@ -236,6 +236,11 @@ def test_early_stop_ends_fine_tuning_after_patience_epochs_without_a_lower_val_l
     assert [row["epoch"] for row in result.history] == [0, 1, 2, 3]  # epoch 1 sets the loss, 2 and 3 miss
     assert sum("early stop: validation loss has not improved for 2 epochs" in line for line in said) == 1
     assert saved_resume_epochs == [3]
+    # --patience 0 is "never": the same flat loss runs every epoch (it once ended fine-tuning before epoch 1).
+    said.clear()
+    never = train(small_config(unordered_classes, tmp_path / "never", epochs=4, patience=0), say=said.append)
+    assert [row["epoch"] for row in never.history] == [0, 1, 2, 3, 4]
+    assert not any("early stop" in line for line in said)
 
 
 def test_damaged_resume_weights_are_a_run_folder_error(unordered_classes, tmp_path):

@@ -86,7 +86,13 @@ class TrainConfig:
         choices=DECODED_CACHE_MODES,
         help="decode and resize each image once into a memory-mapped cache (auto: at img-size <= 128)",
     )
-    patience: int = setting(3, help="early stopping on validation loss")
+    # None: 3, or 0 under --ema (see resolve.default_patience)
+    patience: int | None = setting(
+        None,
+        metavar="N",
+        help="early stopping: fine-tuning ends after N epochs without a lower val loss; 0 never "
+        "(default 3; 0 under --ema, whose loss can stay flat while the network beneath still improves)",
+    )
     resume_every: float = setting(
         60.0,
         metavar="SECONDS",
@@ -207,6 +213,10 @@ class TrainConfig:
             (0 < self.layer_decay <= 1, f"layer-decay must be in (0, 1], got {self.layer_decay}"),
             (0 <= self.label_smoothing < 1, f"label-smoothing must be in [0, 1), got {self.label_smoothing}"),
             (self.resume_every >= 0, f"resume-every must be >= 0 seconds, got {self.resume_every}"),
+            (
+                self.patience is None or self.patience >= 0,
+                f"patience must be >= 0 (0: never), got {self.patience}",
+            ),
             (0 <= self.wise_ft <= 1, f"wise-ft must be in [0, 1], got {self.wise_ft}"),
             (0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}"),
             (0 < self.val_fraction < 1, f"val-fraction must be in (0, 1), got {self.val_fraction}"),

@@ -112,8 +112,8 @@ def holds_val_output(model: nn.Module, num_images: int, num_classes: int) -> boo
 
 
 def stopped_early(progress: dict, patience: int) -> bool:
-    """Validation loss has not improved for ``patience`` fine-tuning epochs: no epoch follows."""
-    return progress["bad_epochs"] >= patience
+    """Validation loss has not improved for ``patience`` fine-tuning epochs: no epoch follows (0: never)."""
+    return patience > 0 and progress["bad_epochs"] >= patience
 
 
 @dataclass
