@@ -274,12 +274,8 @@ def test_runs_of_one_recipe_can_be_counted_as_anothers_and_still_only_once(tmp_p
     assert set(pooled["recipes"]) == {"resfit", "resfit-ema-no-stop"}
     assert pooled["recipes"]["resfit-ema-no-stop"]["fold_runs"] == 4
     # Unrenamed, the two stay apart; renamed, a fold run both recipes hold would count twice: refused.
-    assert (
-        suite.summarize(suite.pooled_rows([seed0, seed1]))["hymenoptera"]["recipes"]["resfit-ema"][
-            "fold_runs"
-        ]
-        == 2
-    )
+    apart = suite.summarize(suite.pooled_rows([seed0, seed1]))["hymenoptera"]["recipes"]
+    assert apart["resfit-ema"]["fold_runs"] == 2
     both = suite_file("both.json", 1, ("resfit-ema", "resfit-ema-no-stop"))
     with pytest.raises(SystemExit, match="both hold the fold run"):
         suite.pooled_rows([both], rename)
