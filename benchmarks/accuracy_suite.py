@@ -174,7 +174,8 @@ RECIPES = {
     ),
     # Issue #12's wall time: fine-tune on smaller crops, still validate and test at the card's 112 px
     # (FixRes: random resized crops make objects look larger in training than at test, so a smaller training
-    # size matches them; 96 px is 0.73x and 80 px 0.51x the pixels of 112).
+    # size matches them; 96 px is 0.73x and 80 px 0.51x the pixels of 112). Screened on all of flowers5: both
+    # lost 1.0-1.2 points for 1.19-1.29x the speed (RESULTS.md section 7), so the default trains at 112.
     "resfit-train96": Recipe(
         "resfit",
         {"train_sizes": [96]},
