@@ -396,3 +396,58 @@ def test_in_bf16_the_head_stages_held_outputs_are_a_passs_numbers(tmp_path):
     fresh = calibration_scores(probs, np.asarray(source.splits["val"].labels))
     saved = json.loads((run.run_dir / "metrics.json").read_text())["calibration"]
     assert saved["nll"] == pytest.approx(fresh["nll"], rel=1e-9, abs=1e-12)
+
+
+def test_ema_or_network_picks_the_higher_val_accuracy_and_a_tie_goes_to_the_average():
+    from resfit.errors import ConfigError
+    from resfit.train.recipe import ema_or_network
+
+    assert ema_or_network(0.60, 0.62) == "network"
+    assert ema_or_network(0.62, 0.60) == "average"
+    assert ema_or_network(0.61, 0.61) == "average"
+    with pytest.raises(ConfigError, match="ema-keep"):
+        TrainConfig(data="x", ema=True, ema_keep="network").validate()
+    with pytest.raises(ConfigError, match="needs ema"):
+        TrainConfig(data="x", ema_keep="better").validate()
+
+
+@pytest.mark.parametrize("stands", ["network", "average"])
+def test_ema_keep_better_validates_both_and_keeps_the_one_that_stood_for_the_epoch(
+    unordered_classes, tmp_path, monkeypatch, stands
+):
+    """--ema --ema-keep better: each fine-tuned epoch validates the average and the network (two passes over
+    val), history.csv says which stood for it and what each scored, and model.safetensors holds exactly
+    that one's weights (here every epoch is kept, so the last)."""
+    from safetensors.torch import load_file
+
+    loop = importlib.import_module("resfit.train.loop")
+    asked, passes = [], []
+    monkeypatch.setattr(
+        loop, "ema_or_network", lambda average, network: asked.append((average, network)) or stands
+    )
+    monkeypatch.setattr(loop, "replaces_kept_model", lambda *args: True)
+    original = loop.predict_logits
+    monkeypatch.setattr(
+        loop,
+        "predict_logits",
+        lambda model, loader, *a, **k: passes.append(1) or original(model, loader, *a, **k),
+    )
+    run = tmp_path / "run"
+    config = small_config(unordered_classes, run, epochs=2, lr=0.01, ema=True, ema_keep="better")
+    result = train(config, say=lambda _: None)
+    assert len(asked) == 2 and len(passes) == 4  # two fine-tuned epochs, each validated twice
+    rows = list(csv.DictReader((run / "history.csv").open()))
+    tuned = [row for row in rows if row["stage"] == "finetune"]
+    assert [row["kept_weights"] for row in tuned] == [stands, stands]
+    for row, (average, network) in zip(tuned, asked, strict=True):
+        assert float(row["average_val_acc"]) == pytest.approx(average, abs=1e-6)
+        assert float(row["network_val_acc"]) == pytest.approx(network, abs=1e-6)
+        assert float(row["val_acc"]) == pytest.approx(network if stands == "network" else average, abs=1e-6)
+    kept, last = load_file(run / "model.safetensors"), load_file(run / "resume" / "epoch-2.safetensors")
+    prefix = "model." if stands == "network" else "ema.module."
+    floats = [k for k in kept if kept[k].is_floating_point()]
+    differ = [k for k in floats if not torch.equal(last[f"model.{k}"], last[f"ema.module.{k}"])]
+    assert len(differ) > 10  # the two candidates really are different weights
+    for key in floats:
+        torch.testing.assert_close(kept[key], last[f"{prefix}{key}"], rtol=0, atol=0)
+    assert result.best_epoch == 2

@@ -65,6 +65,8 @@ HISTORY_COLUMNS = (
     "elapsed",
     "images_per_s",
 )
+# Written only by runs that have them (--ema-keep better: which of the two models stood for the epoch).
+OPTIONAL_HISTORY_COLUMNS = ("kept_weights", "average_val_acc", "network_val_acc")
 SPLITS = ("val", "test")  # the splits a run reports on; val's files carry no suffix
 
 
@@ -316,8 +318,9 @@ class RunFolder:
     def write_history(self, history: list[dict]) -> None:
         """One row per epoch (floats to 6 places, a missing value empty); written whole, atomically."""
         buffer = io.StringIO()
+        optional = [c for c in OPTIONAL_HISTORY_COLUMNS if any(c in row for row in history)]
         writer = csv.DictWriter(
-            buffer, fieldnames=HISTORY_COLUMNS, extrasaction="ignore", lineterminator="\n"
+            buffer, fieldnames=[*HISTORY_COLUMNS, *optional], extrasaction="ignore", lineterminator="\n"
         )
         writer.writeheader()
         for row in history:

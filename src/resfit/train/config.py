@@ -16,7 +16,7 @@ from ..rejection import DEFAULT_TARGET as DEFAULT_REJECT_TARGET
 from ..rejection import SCORES as REJECT_SCORES
 from ..rejection import parse_target as parse_reject_target
 from ..settings import check_choices, int_list, number_or_auto, setting
-from .recipe import BALANCE_MODES, KEEP_RULES
+from .recipe import BALANCE_MODES, EMA_KEEP_RULES, KEEP_RULES
 from .tracking import check_trackers, tracker_names
 
 OPTIMIZERS = ("adamw", "sgd")
@@ -110,6 +110,12 @@ class TrainConfig:
     )
     ema: bool = setting(False, help="validate and keep an EMA of the weights")
     ema_decay: float | None = setting(None, help="per step (default: a half-life of one epoch)")
+    ema_keep: str = setting(
+        "average",
+        choices=EMA_KEEP_RULES,
+        help="under --ema, what each epoch validates: the average, or both it and the network, the better "
+        "on val standing for the epoch (one more pass over val an epoch)",
+    )
     wise_ft: float = setting(
         1.0,
         metavar="SHARE",
@@ -202,6 +208,11 @@ class TrainConfig:
                 self.ema_decay is None or 0 < self.ema_decay < 1,
                 f"ema-decay must be in (0, 1), got {self.ema_decay}",
             ),
+            (
+                self.ema_keep in EMA_KEEP_RULES,
+                f"ema-keep must be one of {', '.join(EMA_KEEP_RULES)}, got {self.ema_keep!r}",
+            ),
+            (self.ema or self.ema_keep == "average", f"ema-keep {self.ema_keep} needs ema"),
             (
                 not self.train_sizes or all(int(s) >= 32 for s in self.train_sizes),
                 f"train-sizes must all be >= 32, got {self.train_sizes}",

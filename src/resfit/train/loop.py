@@ -76,6 +76,7 @@ from .recipe import (
     class_counts,
     default_train_sizes,
     ema_decay_for,
+    ema_or_network,
     epoch_sizes,
     interpolate_weights,
     make_ema,
@@ -184,10 +185,11 @@ def epoch_line(row: dict) -> str:
 
     step = f"lr {number('lr', '.2e')}" if row.get("lr") is not None else f"probe C {number('probe_c', 'g')}"
     speed = f"{number('images_per_s', '.1f')} img/s" + (" (features)" if row["stage"] == "head" else "")
+    which = f" ({row['kept_weights']})" if row.get("kept_weights") else ""
     return (
         f"epoch {row['epoch']:>2} {row['stage']:<8} train loss {number('train_loss', '.4f')} "
-        f"acc {number('train_acc', '.4f')} | val loss {number('val_loss', '.4f')} acc {number('val_acc', '.4f')} | "
-        f"{step} | {row['seconds']:.1f}s, {speed}"
+        f"acc {number('train_acc', '.4f')} | val loss {number('val_loss', '.4f')} acc {number('val_acc', '.4f')}"
+        f"{which} | {step} | {row['seconds']:.1f}s, {speed}"
     )
 
 
@@ -205,6 +207,7 @@ class Trainer:
         self._weights_fingerprint: str | None = None
         self._content_fingerprints: dict[str, str] = {}  # per split: _feature_key hashes its files once
         self.ema = None  # --ema: the averaged copy that is validated and kept
+        self._validating = "average"  # under --ema, which of the two kept_model is: "average" or "network"
         self.frozen_modules: list[nn.Module] = []  # --frozen-blocks, set with the optimizer
         self.scaler: torch.amp.GradScaler | None = (
             None  # fp16's loss scale, saved and resumed with the optimizer
@@ -593,8 +596,31 @@ class Trainer:
 
     @property
     def kept_model(self) -> nn.Module:
-        """What is validated and saved: the EMA of the weights under --ema, else the weights themselves."""
-        return self.ema.module if self.ema is not None else self.model
+        """What is validated and saved: the EMA of the weights under --ema (or, under --ema-keep better, the
+        network itself where it stands for the epoch), else the weights themselves."""
+        if self.ema is None or self._validating == "network":
+            return self.model
+        return self.ema.module
+
+    def validate_ema_or_network(self) -> tuple[float, float, dict]:
+        """--ema-keep better: both the average and the network are validated and the better on val stands
+        for the epoch (``ema_or_network``); kept_model is then that one. Returns its val loss and accuracy,
+        and the history columns that say which it was and what each scored."""
+        self._validating = "average"
+        average_loss, average_acc = self.validate()
+        average_output = self._val_output
+        self._validating = "network"
+        network_loss, network_acc = self.validate()
+        self._validating = ema_or_network(average_acc, network_acc)
+        columns = {
+            "kept_weights": self._validating,
+            "average_val_acc": average_acc,
+            "network_val_acc": network_acc,
+        }
+        if self._validating == "average":
+            self._val_output = average_output
+            return average_loss, average_acc, columns
+        return network_loss, network_acc, columns
 
     # -- the run ----------------------------------------------------------------------------------
     def run(self) -> RunResult | None:
@@ -766,7 +792,10 @@ class Trainer:
             train_loss, train_acc, lr, images_per_s = self.train_epoch(
                 epoch, optimizer, self.scaler, network, train_set, criterion, plan
             )
-            val_loss, val_acc = self.validate()
+            if self.ema is not None and config.ema_keep == "better":
+                val_loss, val_acc, which = self.validate_ema_or_network()
+            else:
+                (val_loss, val_acc), which = self.validate(), {}
             record(
                 {
                     "epoch": epoch,
@@ -778,6 +807,7 @@ class Trainer:
                     "val_acc": val_acc,
                     "seconds": time.perf_counter() - t0,
                     "images_per_s": images_per_s,
+                    **which,
                 },
                 optimizer,
             )

@@ -24,6 +24,8 @@ IMBALANCE_WARNING_RATIO = 3.0
 AUTO_BALANCE = "sampler"
 # Which validated model a run keeps (TrainConfig.keep; replaces_kept_model).
 KEEP_RULES = ("best", "one-se")
+# What an --ema run validates each epoch (TrainConfig.ema_keep; ema_or_network).
+EMA_KEEP_RULES = ("average", "better")
 # Multi-scale sizes, as fractions of the training size, when --multi-scale is given without --train-sizes.
 PROGRESSIVE_FRACTIONS = (0.75, 0.875, 1.0)
 
@@ -121,6 +123,17 @@ def replaces_kept_model(
     if rule == "one-se" and head_stage_val_acc is not None:
         return val_acc - head_stage_val_acc > math.sqrt(val_acc * (1 - val_acc) / max(1, n_val))
     return True
+
+
+def ema_or_network(average_val_acc: float, network_val_acc: float) -> str:
+    """--ema-keep better: which of the epoch's two models stands for it, "average" or "network".
+
+    The average starts as the head stage's weights and trails the network: early on it keeps the probe's
+    accuracy while the network's first steps at peak lr lose it (the dip), and at the end of the schedule it
+    lags the network by about an epoch. The one with the higher val accuracy stands for the epoch (and may be
+    kept, by the keep rule); a tie goes to the average, whose answers are the steadier.
+    """
+    return "network" if network_val_acc > average_val_acc else "average"
 
 
 def interpolate_weights(
