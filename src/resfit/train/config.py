@@ -208,10 +208,6 @@ class TrainConfig:
                 self.ema_decay is None or 0 < self.ema_decay < 1,
                 f"ema-decay must be in (0, 1), got {self.ema_decay}",
             ),
-            (
-                self.ema_keep in EMA_KEEP_RULES,
-                f"ema-keep must be one of {', '.join(EMA_KEEP_RULES)}, got {self.ema_keep!r}",
-            ),
             (self.ema or self.ema_keep == "average", f"ema-keep {self.ema_keep} needs ema"),
             (
                 not self.train_sizes or all(int(s) >= 32 for s in self.train_sizes),
