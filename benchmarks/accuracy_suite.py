@@ -193,6 +193,14 @@ RECIPES = {
         {"ema": True, "ema_keep": "better"},
         "the default validating an EMA of the weights and the network, the better on val standing for the epoch",
     ),
+    # On the quick tier an epoch is 7 steps, so a one-epoch half-life follows the network into its dip (4.0
+    # points on flowers5): a half-life of at least 72 steps, one epoch of all of flowers5 at batch 32, where
+    # the dip went (0.5 ** (1 / 72) is then the same decay as resfit-ema-better's there).
+    "resfit-ema-better-hl72": Recipe(
+        "resfit",
+        {"ema": True, "ema_keep": "better", "ema_decay": 0.5 ** (1 / 72)},
+        "resfit-ema-better with the EMA's half-life at least 72 steps (not one epoch)",
+    ),
     "resfit-lr1e-4-ema": Recipe(
         "resfit",
         {"lr": 1e-4, "ema": True, "patience": 3},
