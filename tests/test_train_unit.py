@@ -451,3 +451,24 @@ def test_ema_keep_better_validates_both_and_keeps_the_one_that_stood_for_the_epo
     for key in floats:
         torch.testing.assert_close(kept[key], last[f"{prefix}{key}"], rtol=0, atol=0)
     assert result.best_epoch == 2
+
+
+def test_the_ema_starts_from_the_head_stage_weights_not_the_network_after_its_first_step():
+    """An EMA with a long half-life must stay near the weights fine-tuning started from: torch's AveragedModel
+    copies the network at its first update, which made resfit's average start one AdamW step (every weight
+    moved by about the lr) away from the head stage's weights."""
+    from resfit.train.recipe import make_ema
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    ema = make_ema(model, decay=0.9)
+    for key, value in start.items():
+        torch.testing.assert_close(ema.module.state_dict()[key], value, rtol=0, atol=0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # one step that moves every weight
+    ema.update_parameters(model)
+    weight = ema.module[0].weight
+    torch.testing.assert_close(weight, 0.9 * start["0.weight"] + 0.1 * model[0].weight, rtol=0, atol=1e-6)
+    assert (weight - start["0.weight"]).abs().max() < 0.11  # one tenth of the step, not all of it
