@@ -101,6 +101,8 @@ class Recipe:
 
 RECIPES = {
     "resfit": Recipe("resfit", {}, "resfit's default recipe: probe head, then layer-wise fine-tuning"),
+    # The default until the EMA validated beside the network became it (results/ema-better-hl72-fixed-rule.md).
+    "resfit-no-ema": Recipe("resfit", {"ema": False}, "the default without the EMA: the network alone"),
     "resfit-probe": Recipe("resfit", {"epochs": 0}, "resfit's head stage alone (its probe)"),
     "timm": Recipe("timm", {}, "fine-tuning loop from timm's library (optim, scheduler, transforms, loss)"),
     "sklearn-probe": Recipe("sklearn-probe", {}, "scikit-learn LogisticRegressionCV on pooled features"),
@@ -154,11 +156,14 @@ RECIPES = {
     "resfit-crop0.8": Recipe(
         "resfit", {"min_crop_scale": 0.8}, "the default with milder crops (each keeps at least 80%, not 35%)"
     ),
-    # The dip is the backbone's weights moving at peak lr: an EMA of the weights (half-life one epoch,
-    # starting at the head stage's) is what is validated and kept, so each epoch's step noise is averaged out.
-    # patience 3 pinned: these rows were run when --ema still stopped early by default (now it never does).
+    # The dip is the backbone's weights moving at peak lr: an EMA of the weights is what is validated and
+    # kept, so each epoch's step noise is averaged out. patience 3 pinned: these rows were run when --ema still
+    # stopped early by default (now it never does). The EMA recipes' rows run before 486535a had a half-life of
+    # one epoch and an average that started from the network after its first step, not the head stage's.
     "resfit-ema": Recipe(
-        "resfit", {"ema": True, "patience": 3}, "the default, validating and keeping an EMA of the weights"
+        "resfit",
+        {"ema": True, "ema_keep": "average", "patience": 3},
+        "the default, validating and keeping an EMA of the weights",
     ),
     "resfit-one-se": Recipe(
         "resfit",
@@ -169,7 +174,7 @@ RECIPES = {
     # of its dip, so early stopping (patience 3) ended 2 of 9 full-size runs after epoch 4: this one never stops.
     "resfit-ema-no-stop": Recipe(
         "resfit",
-        {"ema": True, "patience": 6},
+        {"ema": True, "ema_keep": "average", "patience": 6},
         "the default validating and keeping an EMA of the weights, with no early stop in 6 epochs",
     ),
     # Issue #12's wall time: fine-tune on smaller crops, still validate and test at the card's 112 px
@@ -188,6 +193,7 @@ RECIPES = {
     ),
     # The EMA took the dip away and lagged the network by 0.7 points at the end (all of flowers5): here each
     # epoch validates both, and the better on val stands for it, so neither the dip nor the lag is kept.
+    # Since 2026-12-08 the default (with the half-life at least 72 steps).
     "resfit-ema-better": Recipe(
         "resfit",
         {"ema": True, "ema_keep": "better"},
@@ -203,7 +209,7 @@ RECIPES = {
     ),
     "resfit-lr1e-4-ema": Recipe(
         "resfit",
-        {"lr": 1e-4, "ema": True, "patience": 3},
+        {"lr": 1e-4, "ema": True, "ema_keep": "average", "patience": 3},
         "a 10x smaller lr, validating and keeping an EMA of the weights",
     ),
 }
@@ -1144,6 +1150,7 @@ def run_suite(args: argparse.Namespace) -> None:
                 "datasets": datasets,
                 "flowers_per_class": per_class,
                 "recipes": {name: vars(RECIPES[name]) for name in recipes},
+                "train_defaults": train_defaults(),
                 "timm": TIMM_SETTINGS,
                 "inner_val_fraction": VAL_FRACTION,
                 "intervals": "95%; 'accuracy'/'difference' = t over fold runs with Nadeau-Bengio correction "
@@ -1224,7 +1231,19 @@ SETTINGS_THAT_DECIDE = (
     "folds",
     "datasets",
     "flowers_per_class",
+    # What "resfit" (the default) and every recipe's unchanged fields meant: files run before a default
+    # changed (or before this key was recorded, e.g. before the EMA became the default) are not reused.
+    "train_defaults",
 )
+
+
+def train_defaults() -> dict:
+    """resfit's TrainConfig defaults as this code has them (the data path aside)."""
+    import resfit
+
+    defaults = resfit.TrainConfig(data="").to_dict()
+    defaults.pop("data")
+    return defaults
 
 
 def read_suite(path: Path) -> dict:

@@ -57,8 +57,8 @@ def test_what_was_given_is_kept():
 
 
 def test_early_stopping_waits_3_epochs_and_never_stops_an_ema_unless_asked():
-    assert resolve_settings(TrainConfig(data="d"), CPU, CARD_112, EQUAL).config.patience == 3
-    assert resolve_settings(TrainConfig(data="d", ema=True), CPU, CARD_112, EQUAL).config.patience == 0
+    assert resolve_settings(TrainConfig(data="d", ema=False), CPU, CARD_112, EQUAL).config.patience == 3
+    assert resolve_settings(TrainConfig(data="d"), CPU, CARD_112, EQUAL).config.patience == 0  # EMA: default
     asked = TrainConfig(data="d", ema=True, patience=2)
     assert resolve_settings(asked, CPU, CARD_112, EQUAL).config.patience == 2
     with pytest.raises(ConfigError, match="patience must be >= 0"):

@@ -194,7 +194,7 @@ def test_a_resumed_run_that_keeps_its_head_stage_is_calibrated_from_the_feature_
         lambda m, loader, *a, **k: passes.append(loader.dataset.split) or real_pass(m, loader, *a, **k),
     )
     assert main(["train", "--resume", str(run_dir), "--quiet"]) == 0
-    assert passes == ["val"], passes  # epoch 2's validation; calibration and val's report need no pass
+    assert passes == ["val", "val"], passes  # epoch 2's validation of the EMA and the network; no more
 
     resumed, whole = (json.loads((d / "model.json").read_text()) for d in (run_dir, tmp_path / "whole"))
     assert resumed["best"]["epoch"] == whole["best"]["epoch"] == 0  # the head stage's model is kept

@@ -86,12 +86,13 @@ class TrainConfig:
         choices=DECODED_CACHE_MODES,
         help="decode and resize each image once into a memory-mapped cache (auto: at img-size <= 128)",
     )
-    # None: 3, or 0 under --ema (see resolve.default_patience)
+    # None: 0 with the EMA (the default), 3 with --no-ema (see resolve.default_patience)
     patience: int | None = setting(
         None,
         metavar="N",
         help="early stopping: fine-tuning ends after N epochs without a lower val loss; 0 never "
-        "(default 3; 0 under --ema, whose loss can stay flat while the network beneath still improves)",
+        "(default 0 with the EMA, whose loss can stay flat while the network beneath still improves; "
+        "3 with --no-ema)",
     )
     resume_every: float = setting(
         60.0,
@@ -108,13 +109,20 @@ class TrainConfig:
         metavar="S1,S2,...",
         help="the multi-scale sizes, run small to large (default 0.75x, 0.875x, 1x --img-size)",
     )
-    ema: bool = setting(False, help="validate and keep an EMA of the weights")
-    ema_decay: float | None = setting(None, help="per step (default: a half-life of one epoch)")
+    ema: bool = setting(
+        True,
+        negate="--no-ema",
+        help="no exponential moving average of the weights: validate and keep the network alone "
+        "(default: an EMA is validated beside it every epoch, see --ema-keep)",
+    )
+    ema_decay: float | None = setting(
+        None, help="the EMA's decay per step (default: a half-life of one epoch, at least 72 steps)"
+    )
     ema_keep: str = setting(
-        "average",
+        "better",
         choices=EMA_KEEP_RULES,
-        help="under --ema, what each epoch validates: the average, or both it and the network, the better "
-        "on val standing for the epoch (one more pass over val an epoch)",
+        help="what each epoch validates: both the EMA and the network, the better on val standing for the "
+        "epoch (default; one more pass over val an epoch), or the EMA alone",
     )
     wise_ft: float = setting(
         1.0,
@@ -208,7 +216,6 @@ class TrainConfig:
                 self.ema_decay is None or 0 < self.ema_decay < 1,
                 f"ema-decay must be in (0, 1), got {self.ema_decay}",
             ),
-            (self.ema or self.ema_keep == "average", f"ema-keep {self.ema_keep} needs ema"),
             (
                 not self.train_sizes or all(int(s) >= 32 for s in self.train_sizes),
                 f"train-sizes must all be >= 32, got {self.train_sizes}",

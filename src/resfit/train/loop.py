@@ -206,8 +206,8 @@ class Trainer:
         self.dist = DistContext()
         self._weights_fingerprint: str | None = None
         self._content_fingerprints: dict[str, str] = {}  # per split: _feature_key hashes its files once
-        self.ema = None  # --ema: the averaged copy that is validated and kept
-        self._validating = "average"  # under --ema, which of the two kept_model is: "average" or "network"
+        self.ema = None  # the EMA of the weights (default; --no-ema: none), validated and kept
+        self._validating = "average"  # with the EMA, which of the two kept_model is: "average" or "network"
         self.frozen_modules: list[nn.Module] = []  # --frozen-blocks, set with the optimizer
         self.scaler: torch.amp.GradScaler | None = (
             None  # fp16's loss scale, saved and resumed with the optimizer
@@ -596,8 +596,8 @@ class Trainer:
 
     @property
     def kept_model(self) -> nn.Module:
-        """What is validated and saved: the EMA of the weights under --ema (or, under --ema-keep better, the
-        network itself where it stands for the epoch), else the weights themselves."""
+        """What is validated and saved: the EMA of the weights (or, under --ema-keep better, the default, the
+        network itself where it stands for the epoch), else (--no-ema) the weights themselves."""
         if self.ema is None or self._validating == "network":
             return self.model
         return self.ema.module
@@ -740,7 +740,15 @@ class Trainer:
         if config.ema and plan:
             decay = ema_decay_for(len(plan[0]["sampler"]), config.ema_decay)
             self.ema = make_ema(self.model, decay)
-            self.say(f"EMA of the weights, decay {decay:.4f} per step")
+            half_life = math.log(0.5) / math.log(decay)
+            beside = (
+                "beside the network, the better on val standing for each epoch"
+                if config.ema_keep == "better"
+                else "alone"
+            )
+            self.say(
+                f"EMA of the weights validated {beside}: half-life {half_life:.0f} steps (decay {decay:.4f})"
+            )
         if state is not None:
             # fp16's loss scale too: a fresh scaler would re-learn it, skipping steps the run did take.
             restore(self.model, optimizer, state, tensors, self.ema, self.scaler)

@@ -24,8 +24,13 @@ IMBALANCE_WARNING_RATIO = 3.0
 AUTO_BALANCE = "sampler"
 # Which validated model a run keeps (TrainConfig.keep; replaces_kept_model).
 KEEP_RULES = ("best", "one-se")
-# What an --ema run validates each epoch (TrainConfig.ema_keep; ema_or_network).
+# What an EMA run validates each epoch (TrainConfig.ema_keep; ema_or_network).
 EMA_KEEP_RULES = ("average", "better")
+# The EMA's shortest half-life, in steps: one epoch of all of flowers5 (2,302 photos, batch 32), where a
+# one-epoch half-life kept the average at the probe's accuracy while the network dipped. On a few hundred
+# photos an epoch is 7 steps, and a one-epoch half-life let the average follow the network into its dip
+# (benchmarks/results/ema-better-hl72-fixed-rule.md).
+EMA_MIN_HALF_LIFE_STEPS = 72
 # Multi-scale sizes, as fractions of the training size, when --multi-scale is given without --train-sizes.
 PROGRESSIVE_FRACTIONS = (0.75, 0.875, 1.0)
 
@@ -96,13 +101,16 @@ def batch_mixing(mixup: float, cutmix: float, num_classes: int):
 
 
 def ema_decay_for(steps_per_epoch: int, decay: float | None) -> float:
-    """The given decay, or one whose half-life is one epoch: fine-tuning runs are short, so a fixed 0.9998
-    (ImageNet-length runs) would keep the EMA at its starting point."""
+    """The given decay, or one whose half-life is the longer of one epoch and EMA_MIN_HALF_LIFE_STEPS.
+
+    Fine-tuning runs are short, so a fixed 0.9998 (ImageNet-length runs) would keep the EMA at its starting
+    point; a half-life of a few steps would follow the network's every move, its first epoch's dip included.
+    """
     if decay is not None:
         if not 0 < decay < 1:
             raise ConfigError(f"ema-decay must be in (0, 1), got {decay}")
         return decay
-    return 0.5 ** (1 / max(1, steps_per_epoch))
+    return 0.5 ** (1 / max(steps_per_epoch, EMA_MIN_HALF_LIFE_STEPS))
 
 
 def replaces_kept_model(

@@ -54,11 +54,12 @@ def default_frozen_blocks(pretrained: PretrainedSource) -> int:
 
 
 def default_patience(ema: bool) -> int:
-    """3 epochs without a lower val loss end fine-tuning; under --ema never (0).
+    """With the EMA (the default) fine-tuning never ends early (0); with --no-ema after 3 epochs without a
+    lower val loss.
 
     An EMA's validated weights start as the head stage's and trail the network, so their loss can stay
     flat for epochs while the network beneath climbs out of its first epochs' dip. On all of flowers5
-    (benchmarks/RESULTS.md section 7, "an EMA of the weights") early stopping ended 2 of 9 --ema runs after
+    (benchmarks/RESULTS.md section 7, "an EMA of the weights") early stopping ended 2 of 9 EMA runs after
     epoch 4, keeping the head stage or epoch 1; run to the end, they scored 34 and 41 more of 1,439 test
     photos.
     """
