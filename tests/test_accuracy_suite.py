@@ -221,6 +221,10 @@ def test_reused_rows_take_only_the_named_recipes_and_repeats_of_the_same_setting
         suite.reused_rows(earlier, {**settings, "epochs": 6}, "resfit")
     with pytest.raises(SystemExit, match="not among"):
         suite.reused_rows(earlier, settings, "resfit-frozen3")
+    # "resfit" means resfit's defaults: rows run under other defaults (or before they were recorded) stay
+    with pytest.raises(SystemExit, match="train_defaults"):
+        suite.reused_rows(earlier, {**settings, "train_defaults": suite.train_defaults()}, "resfit")
+    assert suite.train_defaults()["ema"] is True and "data" not in suite.train_defaults()
     # empty, truncated, wrong type, rows that are not fold runs
     for broken in ("", '{"settings": {}', "[1, 2]", '{"rows": []}', '{"settings": {}, "rows": [1, 2]}'):
         earlier.write_text(broken)
