@@ -141,9 +141,8 @@ def test_wise_ft_keeps_the_midpoint_of_the_head_stage_and_the_last_epoch(unorder
     from safetensors.torch import load_file
 
     run = tmp_path / "run"
-    config = small_config(
-        unordered_classes, run, epochs=2, wise_ft=0.5, ema=False
-    )  # the network's last epoch
+    # --no-ema: the last epoch's weights are the network's (with the EMA they are the model that stood for it)
+    config = small_config(unordered_classes, run, epochs=2, wise_ft=0.5, ema=False)
     result = train(config, say=lambda _: None)
     start = load_file(run / "resume" / "start.safetensors")
     last = load_file(run / "resume" / "epoch-2.safetensors")
